@@ -1,0 +1,337 @@
+"""Grad-CAM, Ablation-CAM and FastAblationCAM for Keras 3 models (TensorFlow backend).
+
+Every explainer is called the same way::
+
+    explainer = cam.FastAblationCAM(model, layer="relu")
+    maps = explainer(images, targets=None, upsample=True, normalize=True)
+
+The model is split once at the target layer (:class:`cam.graph.Split`). The trunk runs once
+per image; Grad-CAM back-propagates through the head only, and the ablation methods push
+fixed-size batches of ablated activations through the head only, in one compiled function,
+with the tensors that bypass the target (DenseNet concatenations, ResNet shortcuts) broadcast
+across the batch. ``mode="full"`` reruns the whole network instead and is kept as the oracle
+the tests compare against and the baseline the benchmark measures.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from . import maps as M
+from .graph import Split
+
+MODES = ("head", "full")
+#: Images pushed through the trunk at once (bounded to keep the trunk's memory small).
+TRUNK_BATCH = 16
+
+
+def _check_backend() -> None:
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"cam needs Keras' TensorFlow backend (gradients and compiled ablation batches use "
+            f"tf.function); KERAS_BACKEND is {keras.backend.backend()!r}"
+        )
+
+
+class Explainer:
+    """Shared machinery: the split, input checks, targets, batching, normalising, upsampling."""
+
+    name = "explainer"
+
+    def __init__(self, model: keras.Model, layer: str | int | None = None, score: str = "logit",
+                 mode: str = "head"):
+        _check_backend()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.split = Split(model, layer, score)
+        self.layer = self.split.layer
+        self.score = score
+        self._trunk = tf.function(self.split.trunk, reduce_retracing=True)
+        self._head = tf.function(self.split.head, reduce_retracing=True)
+        self._full = tf.function(lambda x: self.split.full(x), reduce_retracing=True)
+        self.last_targets: np.ndarray | None = None
+        self.last_scores: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={self.model.name!r}, layer={self.layer!r}, "
+                f"score={self.score!r}, mode={self.mode!r})")
+
+    # -- checks ------------------------------------------------------------------------
+
+    def _check_images(self, images) -> np.ndarray:
+        array = np.asarray(images)
+        if array.dtype == bool or not (np.issubdtype(array.dtype, np.floating)
+                                       or np.issubdtype(array.dtype, np.integer)):
+            raise TypeError(f"images must be a real-valued numeric array, got dtype {array.dtype}")
+        expected = tuple(self.split.graph.input_specs[0].shape)
+        if array.ndim != len(expected):
+            raise ValueError(f"images must have shape {('B',) + expected[1:]} (a batch of images, "
+                             f"rank {len(expected)}), got an array of shape {array.shape}; "
+                             f"for one image use images[None]")
+        for got, want in zip(array.shape[1:], expected[1:]):
+            if want is not None and got != want:
+                raise ValueError(f"images must have shape {('B',) + expected[1:]} to fit the model's "
+                                 f"input, got {array.shape}")
+        if len(array) == 0:
+            raise ValueError("images is an empty batch")
+        return array.astype(np.float32, copy=False)
+
+    def _check_targets(self, targets, scores: np.ndarray) -> np.ndarray:
+        n, num_classes = scores.shape
+        if targets is None:
+            return scores.argmax(axis=1)
+        array = np.asarray(targets)
+        if array.ndim == 0:
+            array = np.full(n, array)
+        if array.shape != (n,) or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"targets must be None, an int, or {n} ints (one per image); "
+                             f"got {targets!r}")
+        bad = array[(array < 0) | (array >= num_classes)]
+        if bad.size:
+            raise ValueError(f"target {int(bad[0])} is out of range: the model has "
+                             f"{num_classes} classes, valid targets are 0..{num_classes - 1}")
+        return array.astype(np.int64)
+
+    # -- the call --------------------------------------------------------------------------
+
+    def __call__(self, images, targets=None, upsample: bool = True,
+                 normalize: bool = True) -> np.ndarray:
+        """Class activation maps for a batch of images.
+
+        Parameters
+        ----------
+        images : array (B, H, W, C)
+            Already preprocessed the way the model expects.
+        targets : None, int or sequence of B ints
+            Class to explain per image; None explains each image's predicted class.
+        upsample : bool
+            True returns (B, H, W) maps resized bilinearly with pixel-centre alignment
+            (OpenCV's half-pixel convention: each cell's value sits at the centre of the image
+            region it covers); False returns (B, h, w) maps on the target layer's grid.
+        normalize : bool
+            True applies ReLU and divides each map by its maximum (an all-zero map stays
+            zeros). False returns the raw map: the weighted channel sum before ReLU for
+            Grad-CAM and Ablation-CAM, the score drop y - y_ablated per cell for
+            FastAblationCAM.
+
+        Returns
+        -------
+        float32 numpy array, (B, H, W) or (B, h, w).
+        """
+        images = self._check_images(images)
+        if not isinstance(targets, (type(None), int, np.integer)):
+            targets = np.asarray(targets)
+            if targets.ndim != 1 or len(targets) != len(images):
+                raise ValueError(f"targets must be None, an int, or {len(images)} ints (one per "
+                                 f"image); got {len(targets) if targets.ndim else 'a'} value(s)")
+        chunks, all_targets, all_scores = [], [], []
+        for start in range(0, len(images), TRUNK_BATCH):
+            batch = images[start:start + TRUNK_BATCH]
+            activation, bypass = self._trunk(tf.constant(batch))
+            scores = self._head(activation, bypass).numpy()
+            chunk_targets = targets if targets is None or np.ndim(targets) == 0 \
+                else targets[start:start + TRUNK_BATCH]
+            chunk_targets = self._check_targets(chunk_targets, scores)
+            chunks.append(self._raw_maps(batch, activation, bypass, chunk_targets,
+                                         scores[np.arange(len(batch)), chunk_targets]))
+            all_targets.append(chunk_targets)
+            all_scores.append(scores)
+        self.last_targets = np.concatenate(all_targets)
+        self.last_scores = np.concatenate(all_scores)
+        raw = np.concatenate(chunks).astype(np.float32)
+        out = M.normalize_maps(raw) if normalize else raw
+        return M.upsample_maps(out, images.shape[1:3]) if upsample else out
+
+    def _raw_maps(self, images, activation, bypass, targets, scores) -> np.ndarray:
+        raise NotImplementedError
+
+
+class GradCAM(Explainer):
+    """Grad-CAM (Selvaraju et al., ICCV 2017): channels weighted by their mean gradient."""
+
+    name = "Grad-CAM"
+
+    def __init__(self, model, layer=None, score="logit", mode="head"):
+        super().__init__(model, layer, score, mode)
+        self._gradients = tf.function(self._gradients_eager, reduce_retracing=True)
+
+    def _gradients_eager(self, images, activation, bypass, targets):
+        with tf.GradientTape() as tape:
+            if self.mode == "head":
+                tape.watch(activation)
+                scores = self.split.head(activation, bypass)
+                watched = activation
+            else:
+                seen = []
+
+                def watch(t):
+                    tape.watch(t)
+                    seen.append(t)
+                    return t
+
+                scores = self.split.full(images, replace=watch)
+                watched = seen[0]
+            y = tf.gather(scores, targets, batch_dims=1)
+        return watched, tape.gradient(y, watched)
+
+    def _raw_maps(self, images, activation, bypass, targets, scores):
+        watched, grads = self._gradients(tf.constant(images), activation, bypass,
+                                         tf.constant(targets))
+        weights = M.gradcam_weights(grads.numpy())
+        return M.weighted_channel_sum(watched.numpy(), weights)
+
+
+class _AblationExplainer(Explainer):
+    """Scores fixed-size batches of ablated activations in one compiled function."""
+
+    def __init__(self, model, layer=None, score="logit", batch_size=64, ablation_value=0.0,
+                 mode="head"):
+        super().__init__(model, layer, score, mode)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        value = float(ablation_value)
+        if not np.isfinite(value):
+            raise ValueError(f"ablation_value must be finite, got {ablation_value!r}")
+        self.batch_size = int(batch_size)
+        self.ablation_value = value
+        self._score_head = tf.function(self._score_head_eager, reduce_retracing=True)
+        self._score_full = tf.function(self._score_full_eager, reduce_retracing=True)
+
+    def _ablate(self, activation, mask):
+        return tf.where(mask, tf.cast(self.ablation_value, activation.dtype), activation)
+
+    def _score_head_eager(self, activation, bypass, mask, target):
+        # activation (1, h, w, C) and bypass (1, ...) of one image; mask (N, h|1, w|1, C|1).
+        n = tf.shape(mask)[0]
+        ablated = self._ablate(activation, mask)
+        tiled = [tf.broadcast_to(b, tf.concat([[n], tf.shape(b)[1:]], 0)) for b in bypass]
+        return self.split.head(ablated, tiled)[:, target]
+
+    def _score_full_eager(self, image, mask, target):
+        n = tf.shape(mask)[0]
+        images = tf.broadcast_to(image, tf.concat([[n], tf.shape(image)[1:]], 0))
+        return self.split.full(images, replace=lambda t: self._ablate(t, mask))[:, target]
+
+    def masks(self, grid_shape: tuple) -> np.ndarray:
+        """Boolean masks, one per ablation, broadcastable against (h, w, C)."""
+        raise NotImplementedError
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Ablated forward passes (through the head, or the whole net in full mode) per image."""
+        return len(self.masks(self.split.target_shape))
+
+    def ablated_scores(self, image, activation, bypass, target: int,
+                       masks: np.ndarray) -> np.ndarray:
+        """Class score with each mask applied, for one image: (len(masks),)."""
+        out = []
+        target = tf.constant(int(target))
+        for start in range(0, len(masks), self.batch_size):
+            batch = masks[start:start + self.batch_size]
+            pad = self.batch_size - len(batch)
+            if pad:  # a fixed batch shape keeps the compiled function from retracing
+                batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], bool)])
+            if self.mode == "head":
+                scores = self._score_head(activation, bypass, tf.constant(batch), target)
+            else:
+                scores = self._score_full(image, tf.constant(batch), target)
+            out.append(scores.numpy()[:self.batch_size - pad])
+        return np.concatenate(out)
+
+    def _raw_maps(self, images, activation, bypass, targets, scores):
+        masks = self.masks(tuple(activation.shape[1:]))
+        drops = []
+        for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} ablations/image)",
+                      leave=False, disable=len(images) < 2):
+            drops.append(self.ablated_scores(
+                tf.constant(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
+                targets[i], masks))
+        return self._combine(activation.numpy(), scores, np.stack(drops), masks)
+
+    def _combine(self, activation, scores, ablated, masks):
+        raise NotImplementedError
+
+
+class AblationCAM(_AblationExplainer):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
+
+    Each channel k of the target layer is set to ``ablation_value`` in turn; its weight is the
+    relative drop of the class score, w_k = (y - y_k) / y, and the map is sum_k w_k A_k.
+    C evaluations of the head per image.
+    """
+
+    name = "Ablation-CAM"
+
+    def masks(self, grid_shape):
+        channels = grid_shape[-1]
+        return np.eye(channels, dtype=bool)[:, None, None, :]
+
+    def _combine(self, activation, scores, ablated, masks):
+        weights = M.ablation_weights(scores, ablated)
+        return M.weighted_channel_sum(activation, weights)
+
+
+class FastAblationCAM(_AblationExplainer):
+    """FastAblationCAM: ablate every channel in one window of the grid at a time.
+
+    All channels in a ``window`` x ``window`` block of cells are set to ``ablation_value``;
+    blocks step by ``stride`` (default ``window``), the last block in each direction is shifted
+    back to end at the edge, and each cell gets the mean score drop y - y_ablated of the blocks
+    that cover it. That drop is the map itself (no channel weighting). About
+    (h / stride) * (w / stride) evaluations of the head per image instead of C.
+    """
+
+    name = "FastAblationCAM"
+
+    def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=64,
+                 ablation_value=0.0, mode="head"):
+        super().__init__(model, layer, score, batch_size, ablation_value, mode)
+        h, w = self.split.target_shape[:2]
+        for name, value in (("window", window), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        grid = [d for d in (h, w) if d is not None]
+        if grid and window > min(grid):
+            raise ValueError(f"window {window} is larger than layer {self.layer!r}'s "
+                             f"{h}x{w} grid; use 1..{min(grid)}")
+        stride = window if stride is None else stride
+        if not 1 <= stride <= window:
+            raise ValueError(f"stride must be between 1 and window ({window}) so that every "
+                             f"cell is ablated at least once, got {stride}")
+        self.window, self.stride = int(window), int(stride)
+
+    def masks(self, grid_shape):
+        h, w = grid_shape[:2]
+        if self.window > min(h, w):
+            raise ValueError(f"window {self.window} is larger than the {h}x{w} grid of layer "
+                             f"{self.layer!r} for these images")
+        return M.window_masks((h, w), self.window, self.stride)[..., None]
+
+    def _combine(self, activation, scores, ablated, masks):
+        return M.spread_window_drops(scores[:, None] - ablated, masks[..., 0])
+
+
+def explain(method: str, model, images, **kwargs) -> np.ndarray:
+    """Shortcut: ``explain("gradcam", model, images, layer=..., targets=...)``."""
+    call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize") if k in kwargs}
+    return METHODS[_method_key(method)](model, **kwargs)(images, **call_args)
+
+
+METHODS = {"gradcam": GradCAM, "ablationcam": AblationCAM, "fastablationcam": FastAblationCAM}
+
+
+def _method_key(method: str) -> str:
+    key = method.lower().replace("-", "").replace("_", "")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    return key

@@ -1,0 +1,337 @@
+"""Split a Keras 3 model at a layer into a trunk (run once) and a head (run per ablation).
+
+A model is flattened into the calls of its leaf layers, in topological order, with nested
+functional and Sequential models expanded in place, so a layer inside a backbone that is one
+layer of a bigger model is reachable by name. Splitting at a target tensor T gives
+
+* the **head**: every call that depends on T, directly or through other head calls;
+* the **bypass**: tensors that head calls read but that do not depend on T (the earlier
+  features a DenseNet concatenation carries past T, the shortcut of a ResNet addition);
+* the **trunk**: the calls needed to compute T and the bypass.
+
+``head(T, bypass) == model(x)`` exactly, because every value the head reads is either T or was
+computed without T. Ablations change T only, so the trunk runs once per image and only the
+head runs per ablation, with the bypass broadcast across the ablation batch.
+
+This walks Keras' functional graph (``Functional._nodes_by_depth``, ``Node.arguments``), the
+same structure ``keras.Model.__call__`` executes, so it needs a functional or Sequential model;
+a subclassed model can only be a leaf call, not split inside.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import keras
+from keras.src import tree
+from keras.src.models.functional import Functional
+
+Key = tuple  # (call path, id of the KerasTensor in its own graph)
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of a leaf layer (or op) in the flattened graph."""
+
+    operation: Any
+    arguments: Any  # keras SymbolicArguments of the node
+    arg_keys: list  # keys of arguments.keras_tensors, in order
+    out_keys: list
+    name: str  # qualified name: "outer/inner" for layers inside nested models
+    out_specs: list  # KerasTensors of the outputs (shape, dtype)
+
+    def run(self, values: dict, operation: Any = None) -> None:
+        """Call the layer on concrete tensors from ``values`` and store its outputs there."""
+        local = {id(t): values[k] for t, k in zip(self.arguments.keras_tensors, self.arg_keys)}
+        args, kwargs = self.arguments.fill_in(local)
+        op = operation or self.operation
+        if getattr(op, "_call_has_training_arg", False):
+            kwargs["training"] = False
+        outputs = tree.flatten(op(*args, **kwargs))
+        for key, value in zip(self.out_keys, outputs):
+            values[key] = value
+
+
+def _graph_of(model) -> Functional | None:
+    """The functional graph behind a model, or None for a leaf (a layer, a subclassed model)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if isinstance(model, Functional):
+        return model
+    return None
+
+
+@dataclass
+class LayerGraph:
+    """A model flattened into leaf calls in topological order."""
+
+    model: keras.Model
+    calls: list[Call] = field(default_factory=list)
+    input_keys: list = field(default_factory=list)
+    output_keys: list = field(default_factory=list)
+    input_specs: list = field(default_factory=list)
+    #: qualified layer name -> keys of its outputs, one list per call of that layer
+    layer_outputs: dict[str, list[list]] = field(default_factory=dict)
+    #: key -> KerasTensor that describes it
+    specs: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: keras.Model) -> "LayerGraph":
+        graph = _graph_of(model)
+        if graph is None:
+            raise TypeError(
+                f"{type(model).__name__} {getattr(model, 'name', '')!r} is not a functional or "
+                f"Sequential Keras model (or is a Sequential model that was never built on an "
+                f"Input), so its layers cannot be reached. Build it with keras.Input, or wrap "
+                f"it: keras.Model(inp, model(inp))."
+            )
+        self = cls(model=model)
+        self.input_specs = list(graph.inputs)
+        self.input_keys = [((), id(t)) for t in graph.inputs]
+        alias: dict = {}
+        self.output_keys = self._expand(graph, self.input_keys, (), "", alias)
+        return self
+
+    def _expand(self, graph: Functional, input_keys: list, path: tuple, prefix: str,
+                alias: dict) -> list:
+        def key(tensor) -> Key:
+            k = (path, id(tensor))
+            return alias.get(k, k)
+
+        for tensor, outer in zip(graph.inputs, input_keys):
+            if (path, id(tensor)) != outer:
+                alias[(path, id(tensor))] = outer
+            self.specs[outer] = tensor
+        for depth in sorted(graph._nodes_by_depth, reverse=True):
+            for node in graph._nodes_by_depth[depth]:
+                op = node.operation
+                if op is None or node.is_input:
+                    continue
+                arg_keys = [key(t) for t in node.input_tensors]
+                name = f"{prefix}{op.name}"
+                inner = _graph_of(op)
+                if inner is not None:
+                    calls_so_far = len(self.layer_outputs.get(name, []))
+                    inner_out = self._expand(inner, arg_keys, path + ((op.name, calls_so_far),),
+                                             name + "/", alias)
+                    for tensor, k in zip(node.outputs, inner_out):
+                        alias[(path, id(tensor))] = k
+                    out_keys = inner_out
+                else:
+                    out_keys = [key(t) for t in node.outputs]
+                    self.calls.append(Call(op, node.arguments, arg_keys, out_keys, name,
+                                           list(node.outputs)))
+                for tensor, k in zip(node.outputs, out_keys):
+                    self.specs[k] = tensor
+                self.layer_outputs.setdefault(name, []).append(out_keys)
+        return [key(t) for t in graph.outputs]
+
+    # -- layer lookup ---------------------------------------------------------------------
+
+    def candidates(self) -> list[tuple[str, tuple]]:
+        """Layers with one 4-D output (batch, h, w, channels) whose grid is not 1x1."""
+        out = []
+        for name, calls in self.layer_outputs.items():
+            if len(calls) != 1 or len(calls[0]) != 1:
+                continue
+            shape = tuple(self.specs[calls[0][0]].shape)
+            if _has_grid(shape):
+                out.append((self.short_name(name), shape))
+        return out
+
+    def short_name(self, qualified: str) -> str:
+        """The plain layer name when it is unique in the model, else the qualified path."""
+        leaf = qualified.rsplit("/", 1)[-1]
+        same = [n for n in self.layer_outputs if n.rsplit("/", 1)[-1] == leaf]
+        return leaf if len(same) == 1 else qualified
+
+    def resolve(self, layer: str | int | None) -> tuple[str, Key]:
+        """Name and output key of the target layer (a name, an index into candidates, None)."""
+        candidates = self.candidates()
+        if layer is None or isinstance(layer, (int,)) and not isinstance(layer, bool):
+            if not candidates:
+                raise ValueError(
+                    f"model {self.model.name!r} has no layer with a spatial (batch, h, w, "
+                    f"channels) output with h, w > 1, so there is nothing to explain"
+                )
+            if layer is None:
+                layer = len(candidates) - 1
+            if not -len(candidates) <= layer < len(candidates):
+                raise ValueError(
+                    f"layer index {layer} is out of range: the model has {len(candidates)} "
+                    f"candidate layers (see cam.candidate_layers(model)), valid indices "
+                    f"are {-len(candidates)}..{len(candidates) - 1}"
+                )
+            layer = candidates[layer][0]
+        if not isinstance(layer, str):
+            raise TypeError(f"layer must be a name, an index or None, not {type(layer).__name__}")
+        matches = [n for n in self.layer_outputs if n == layer or n.rsplit("/", 1)[-1] == layer]
+        if len(matches) > 1:
+            exact = [n for n in matches if n == layer]
+            if len(exact) != 1:
+                raise ValueError(f"layer name {layer!r} is ambiguous: it matches {matches}; "
+                                 f"pass the qualified name")
+            matches = exact
+        if not matches:
+            names = [c[0] for c in candidates]
+            close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5) or names[-5:]
+            raise ValueError(f"no layer named {layer!r} in model {self.model.name!r}; "
+                             f"closest candidate layers: {close}")
+        name = matches[0]
+        calls = self.layer_outputs[name]
+        if len(calls) != 1:
+            raise ValueError(f"layer {name!r} is called {len(calls)} times in the model "
+                             f"(a shared layer), so its output is not one tensor; pick another")
+        if len(calls[0]) != 1:
+            raise ValueError(f"layer {name!r} has {len(calls[0])} outputs; a CAM target needs one")
+        shape = tuple(self.specs[calls[0][0]].shape)
+        if not _has_grid(shape):
+            raise ValueError(
+                f"layer {name!r} outputs shape {shape}, which has no spatial grid: CAM methods "
+                f"need a (batch, h, w, channels) output with h, w > 1. Candidates nearest the "
+                f"output: {[c[0] for c in candidates[-5:]]}"
+            )
+        return name, calls[0][0]
+
+
+def _has_grid(shape: tuple) -> bool:
+    return len(shape) == 4 and all(d is None or d > 1 for d in shape[1:3])
+
+
+def _is_activation(fn, name: str) -> bool:
+    return fn is getattr(keras.activations, name) or getattr(fn, "__name__", "") == name
+
+
+class _PreActivation:
+    """Calls a layer with its activation left out, sharing its weights (the model is untouched)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, *args, **kwargs):
+        kwargs.pop("training", None)
+        saved = self.layer.activation
+        try:
+            # Keras layers read ``self.activation`` inside ``call``; swapping it for the
+            # duration of one call leaves no trace on the user's model.
+            object.__setattr__(self.layer, "activation", keras.activations.linear)
+            return self.layer(*args, **kwargs)
+        finally:
+            object.__setattr__(self.layer, "activation", saved)
+
+
+def output_activation(call: Call) -> str | None:
+    """'softmax' / 'sigmoid' when the model's last call ends in one, else None."""
+    op = call.operation
+    if isinstance(op, keras.layers.Softmax):
+        return "softmax"
+    fn = getattr(op, "activation", None)
+    for name in ("softmax", "sigmoid"):
+        if fn is not None and _is_activation(fn, name):
+            return name
+    return None
+
+
+class Split:
+    """Trunk and head of a model at a target layer. See the module docstring."""
+
+    def __init__(self, model: keras.Model, layer: str | int | None = None,
+                 score: str = "logit"):
+        if score not in ("logit", "probability"):
+            raise ValueError(f"score must be 'logit' or 'probability', got {score!r}")
+        self.graph = graph = LayerGraph.from_model(model)
+        if len(graph.input_keys) != 1:
+            raise ValueError(f"model {model.name!r} has {len(graph.input_keys)} inputs; cam "
+                             f"explains single-input image models")
+        if len(graph.output_keys) != 1:
+            raise ValueError(f"model {model.name!r} has {len(graph.output_keys)} outputs; "
+                             f"explain a single-output model (wrap it: keras.Model(x, out[i]))")
+        self.layer, self.target = graph.resolve(layer)
+        self.score = score
+        output = graph.output_keys[0]
+        producers = {k: c for c in graph.calls for k in c.out_keys}
+        last = producers.get(output)
+        self.output_activation = output_activation(last) if last is not None else None
+        self._overrides: dict[int, Any] = {}
+        if score == "probability" and self.output_activation is None:
+            raise ValueError(
+                "score='probability' needs a model whose last layer applies softmax or sigmoid; "
+                "this model outputs raw scores, so use score='logit'"
+            )
+        if score == "logit" and self.output_activation is not None:
+            op = last.operation
+            if isinstance(op, keras.layers.Softmax) or isinstance(op, keras.layers.Activation):
+                output = last.arg_keys[0]  # the logits are the activation layer's input
+            else:
+                self._overrides[id(last)] = _PreActivation(op)
+        self.output = output
+        self.num_classes = graph.specs[output].shape[-1]
+
+        depends = {self.target}
+        self.head_calls = []
+        for call in graph.calls:
+            if any(k in depends for k in call.arg_keys):
+                self.head_calls.append(call)
+                depends.update(call.out_keys)
+        if output not in depends:
+            raise ValueError(f"the model output does not depend on layer {self.layer!r}")
+        # Calls after the output that the output does not need (none in practice) are dropped.
+        self.head_calls = _needed(self.head_calls, {output})
+        self.bypass = list(dict.fromkeys(
+            k for c in self.head_calls for k in c.arg_keys if k not in depends))
+        trunk_ids = {id(c) for c in self.head_calls}
+        self.trunk_calls = _needed([c for c in graph.calls if id(c) not in trunk_ids],
+                                   {self.target, *self.bypass})
+        self.target_shape = tuple(graph.specs[self.target].shape[1:])
+        self.bypass_shapes = [tuple(graph.specs[k].shape[1:]) for k in self.bypass]
+
+    def trunk(self, images) -> tuple[Any, list]:
+        """Target activation and bypass tensors for a batch of images."""
+        values = dict(zip(self.graph.input_keys, [images]))
+        for call in self.trunk_calls:
+            call.run(values)
+        return values[self.target], [values[k] for k in self.bypass]
+
+    def head(self, activation, bypass: Sequence) -> Any:
+        """Model scores (logits or probabilities, per ``score``) from the target activation."""
+        values = {self.target: activation, **dict(zip(self.bypass, bypass))}
+        for call in self.head_calls:
+            call.run(values, self._overrides.get(id(call)))
+        return values[self.output]
+
+    def full(self, images, replace=None) -> Any:
+        """The whole network, every layer in order, with the target activation T replaced by
+        ``replace(T)`` as soon as it is computed.
+
+        This path does not use the trunk/head split at all, which makes it the oracle the
+        head-only path is tested against (and the baseline it is benchmarked against).
+        """
+        values = dict(zip(self.graph.input_keys, [images]))
+        for call in self.graph.calls:
+            call.run(values, self._overrides.get(id(call)))
+            if replace is not None and self.target in call.out_keys:
+                values[self.target] = replace(values[self.target])
+        return values[self.output]
+
+
+def _needed(calls: list[Call], wanted: set) -> list[Call]:
+    """The calls (kept in order) needed to compute the keys in ``wanted``."""
+    wanted = set(wanted)
+    kept = []
+    for call in reversed(calls):
+        if any(k in wanted for k in call.out_keys):
+            kept.append(call)
+            wanted.update(call.arg_keys)
+    return kept[::-1]
+
+
+def candidate_layers(model: keras.Model) -> list[tuple[str, tuple]]:
+    """``[(name, output_shape), ...]`` of the layers a CAM can target, in graph order.
+
+    A candidate has one 4-D output (batch, h, w, channels) with h, w > 1 (or unknown).
+    Layers inside nested models are included; their name is qualified (``outer/inner``) only
+    when the plain name is not unique.
+    """
+    return LayerGraph.from_model(model).candidates()

@@ -1,0 +1,87 @@
+"""The arithmetic of class activation maps, as small pure numpy functions.
+
+Kept apart from the explainers so each step can be checked against numbers worked out by hand
+(tests/test_maps.py).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+#: |y| below this counts as zero when Ablation-CAM divides by the unablated score.
+SCORE_EPS = 1e-6
+
+
+def weighted_channel_sum(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_k w_k A_k: (B, h, w, C) activations and (B, C) weights -> (B, h, w) maps."""
+    return np.einsum("bhwc,bc->bhw", activations, weights)
+
+
+def gradcam_weights(gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM channel weights: the gradients averaged over the grid, (B, h, w, C) -> (B, C)."""
+    return gradients.mean(axis=(1, 2))
+
+
+def ablation_weights(score: np.ndarray, ablated: np.ndarray, eps: float = SCORE_EPS) -> np.ndarray:
+    """Ablation-CAM weights w_k = (y - y_k) / y (Desai & Ramaswamy, WACV 2020).
+
+    ``score``: (B,) unablated class scores y; ``ablated``: (B, C) scores y_k with channel k set
+    to the ablation value. When |y| < ``eps`` the division would blow up, so y is replaced by
+    ``eps`` with y's sign (``+eps`` for y == 0): the weights keep their ordering and sign.
+    """
+    score = np.asarray(score, dtype=np.float64)[:, None]
+    safe = np.where(np.abs(score) < eps, np.where(score < 0, -eps, eps), score)
+    return ((score - np.asarray(ablated, dtype=np.float64)) / safe).astype(np.float32)
+
+
+def window_starts(n: int, window: int, stride: int) -> list[int]:
+    """Start indices of windows of ``window`` cells stepping by ``stride`` along an axis of
+    ``n`` cells; the last window is shifted back to end at the edge so every cell is covered."""
+    starts = list(range(0, n - window + 1, stride))
+    if starts[-1] != n - window:
+        starts.append(n - window)
+    return starts
+
+
+def window_masks(grid: tuple[int, int], window: int, stride: int) -> np.ndarray:
+    """One boolean (h, w) mask per window position, in row-major order: (N, h, w)."""
+    h, w = grid
+    rows, cols = window_starts(h, window, stride), window_starts(w, window, stride)
+    masks = np.zeros((len(rows) * len(cols), h, w), dtype=bool)
+    for n, (i, j) in enumerate((i, j) for i in rows for j in cols):
+        masks[n, i:i + window, j:j + window] = True
+    return masks
+
+
+def spread_window_drops(drops: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Turn per-window score drops into a cell map: each cell gets the mean drop of the
+    windows that cover it. ``drops`` (B, N), ``masks`` (N, h, w) -> (B, h, w)."""
+    masks = masks.astype(np.float64)
+    total = np.einsum("bn,nhw->bhw", drops.astype(np.float64), masks)
+    count = masks.sum(axis=0)
+    if (count == 0).any():
+        raise ValueError("some cells are covered by no window")
+    return (total / count).astype(np.float32)
+
+
+def normalize_maps(maps: np.ndarray) -> np.ndarray:
+    """ReLU, then divide each map by its maximum; an all-zero (or all-negative) map stays 0."""
+    maps = np.maximum(np.asarray(maps, dtype=np.float32), 0)
+    peak = maps.reshape(len(maps), -1).max(axis=1)
+    scale = np.where(peak > 0, peak, 1).astype(np.float32)
+    return maps / scale.reshape((-1,) + (1,) * (maps.ndim - 1))
+
+
+def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of (B, h, w) maps to (B, H, W), pixel-centre aligned.
+
+    OpenCV's INTER_LINEAR maps output pixel centre x + 0.5 to input position
+    (x + 0.5) * w / W - 0.5 (the 'half-pixel' convention, align_corners=False), so each cell's
+    value sits at the centre of the image patch it covers and edges are clamped.
+    """
+    height, width = size
+    return np.stack([
+        cv2.resize(m.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+        for m in maps
+    ]) if len(maps) else np.zeros((0, height, width), np.float32)

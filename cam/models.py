@@ -1,0 +1,111 @@
+"""DenseNet-169 for POLEN23E: the architecture, and checkpoints that are verified on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import keras
+
+from . import paths
+
+#: Keras' default BatchNormalization momentum (0.99) averages over ~100 steps. POLEN23E gives
+#: ~20 steps an epoch, so the inference statistics would trail the weights by ~5 epochs and
+#: validation accuracy would sit near chance while training accuracy climbs.
+BN_MOMENTUM = 0.9
+
+CHECKPOINT_STEM = "densenet169-polen23e-fold0"
+
+
+def build_densenet169(num_classes: int, image_size: int | None = 224, dropout: float = 0.2,
+                      bn_momentum: float = BN_MOMENTUM, seed: int = 0) -> keras.Model:
+    """DenseNet-169 (``keras.applications``, no pretrained weights) with a classifier head.
+
+    The model takes RGB images with values in [0, 255] (float) and rescales them itself, so
+    the images a user passes to an explainer are the pixels shown in the overlays. The layer
+    names are those of ``keras.applications.DenseNet169``: the last feature map is ``relu``
+    (7x7x1664 at 224 px), the final dense block's output is ``conv5_block32_concat``.
+    ``image_size=None`` builds a model that accepts any square or non-square size.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    keras.utils.set_random_seed(seed)
+    shape = (image_size, image_size, 3) if image_size else (None, None, 3)
+    inputs = keras.Input(shape, name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
+    backbone = keras.applications.DenseNet169(include_top=False, weights=None, input_tensor=x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone.output)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name="densenet169_polen23e")
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = bn_momentum
+    return model
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_paths(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.MODELS_DIR):
+    """(weights file, metadata JSON) of a checkpoint."""
+    directory = Path(directory)
+    return directory / f"{stem}.weights.h5", directory / f"{stem}.json"
+
+
+def save_checkpoint(model: keras.Model, metadata: dict, stem: str = CHECKPOINT_STEM,
+                    directory: str | Path = paths.MODELS_DIR) -> Path:
+    """Write the weights and a JSON with their SHA-256, the architecture and ``metadata``."""
+    weights, meta = checkpoint_paths(stem, directory)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    model.save_weights(weights)
+    record = {
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
+        "architecture": architecture_signature(model),
+        **metadata,
+    }
+    meta.write_text(json.dumps(record, indent=2) + "\n")
+    return weights
+
+
+def architecture_signature(model: keras.Model) -> dict:
+    """What must match for weights to mean the same thing: layer count, parameters, output."""
+    return {
+        "name": model.name,
+        "layers": len(model.layers),
+        "parameters": int(model.count_params()),
+        "output_shape": list(model.output_shape[1:]),
+    }
+
+
+def load_checkpoint(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.MODELS_DIR,
+                    image_size: int | None = 224) -> tuple[keras.Model, dict]:
+    """Rebuild the architecture, check the weights' SHA-256 and signature, and load them."""
+    weights, meta = checkpoint_paths(stem, directory)
+    if not weights.is_file() or not meta.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {weights.name} (with {meta.name}) not found in {weights.parent}; "
+            f"train one with notebooks/02-train-or-load.ipynb (mode='train')"
+        )
+    record = json.loads(meta.read_text())
+    actual = sha256_file(weights)
+    if actual != record["sha256"]:
+        raise ValueError(
+            f"{weights} has SHA-256 {actual}, but {meta.name} records {record['sha256']}: "
+            f"the file is corrupt or was replaced (a Git LFS pointer?)"
+        )
+    model = build_densenet169(len(record["classes"]), image_size=image_size)
+    expected = dict(record["architecture"])
+    found = architecture_signature(model)
+    if {k: v for k, v in found.items() if k != "output_shape"} != \
+            {k: v for k, v in expected.items() if k != "output_shape"}:
+        raise ValueError(f"architecture mismatch: checkpoint has {expected}, built {found}")
+    model.load_weights(weights)
+    return model, record

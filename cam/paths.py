@@ -1,0 +1,35 @@
+"""Every path the project uses, defined once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / "data"
+MODELS_DIR = ROOT / "models"
+RESULTS_DIR = ROOT / "results"
+NOTEBOOKS_DIR = ROOT / "notebooks"
+
+#: Environment variable that points at a POLEN23E copy (one folder per class, or flat).
+POLEN23E_ENV = "POLEN23E_DIR"
+#: Where `make data` unpacks POLEN23E when the variable is not set.
+POLEN23E_DEFAULT_DIR = DATA_DIR / "polen23e"
+#: The committed, leak-free 5-fold split of POLEN23E.
+POLEN23E_FOLDS_CSV = DATA_DIR / "polen23e-folds.csv"
+
+
+def polen23e_dir() -> Path | None:
+    """The POLEN23E folder to use: ``$POLEN23E_DIR``, else ``data/polen23e``, else None."""
+    env = os.environ.get(POLEN23E_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{POLEN23E_ENV}={env!r} is not a directory. Point it at a POLEN23E copy "
+                f"(23 class folders, or the flat Kaggle layout), or unset it and run `make data`."
+            )
+        return path
+    if POLEN23E_DEFAULT_DIR.is_dir():
+        return POLEN23E_DEFAULT_DIR
+    return None
