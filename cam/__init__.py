@@ -4,22 +4,34 @@
     explainer = cam.FastAblationCAM(model, layer="relu")
     maps = explainer(images)            # (B, H, W) float32 in [0, 1]
     cam.candidate_layers(model)         # which layers can be explained
+
+The explainers import TensorFlow, which takes seconds; they are loaded on first use so that
+``python -m cam.download`` and the data tools start at once.
 """
 
+import importlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from .explainers import AblationCAM, Explainer, FastAblationCAM, GradCAM, explain  # noqa: E402
-from .graph import Split, candidate_layers  # noqa: E402
-
-__all__ = [
-    "AblationCAM",
-    "Explainer",
-    "FastAblationCAM",
-    "GradCAM",
-    "Split",
-    "candidate_layers",
-    "explain",
-]
+_EXPORTS = {
+    "AblationCAM": "explainers",
+    "Explainer": "explainers",
+    "FastAblationCAM": "explainers",
+    "GradCAM": "explainers",
+    "explain": "explainers",
+    "Split": "graph",
+    "candidate_layers": "graph",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'cam' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

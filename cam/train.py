@@ -38,14 +38,14 @@ class TrainConfig:
     held_out_fold: int = 0
     train_size: int = 160
     eval_size: int = 224
-    epochs: int = 30
+    epochs: int = 32
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
     label_smoothing: float = 0.1
     zoom: float = 0.1
-    eval_every: int = 5
+    eval_every: int = 4
     recalibrate_bn: bool = True
     seed: int = 0
 

@@ -1,0 +1,49 @@
+# Self-documenting: `make` or `make help` lists the targets with the comment above each.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# POLEN23E: $POLEN23E_DIR if set, else data/polen23e (`make data` downloads it there).
+export POLEN23E_DIR ?= $(if $(wildcard data/polen23e),$(CURDIR)/data/polen23e,)
+
+## Show this help
+help:
+	@awk '/^## /{doc=substr($$0,4); next} /^[a-zA-Z0-9_-]+:/{if(doc){split($$0,t,":"); printf "  make %-12s %s\n", t[1], doc}; doc=""}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,notebooks]'
+	@touch $(STAMP)
+
+## Create or update the virtual environment in .venv with everything installed
+venv: $(STAMP)
+
+## Run the test suite (creates the virtual environment if needed)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Download POLEN23E from figshare into data/polen23e (skipped when POLEN23E_DIR is set)
+data: $(STAMP)
+	@if [ -n "$(POLEN23E_DIR)" ] && [ -d "$(POLEN23E_DIR)" ]; then echo "POLEN23E found at $(POLEN23E_DIR)"; \
+	else $(PY) -m cam.download --dest data/polen23e; fi
+
+## Rebuild the leak-free fold table data/polen23e-folds.csv from the images
+folds: $(STAMP)
+	$(PY) -m cam.data folds
+
+## Train DenseNet-169 on POLEN23E from scratch (about 100 minutes on 2 CPU cores)
+train: $(STAMP)
+	$(PY) -m cam.train
+
+## Evaluate the committed checkpoint on the held-out fold into results/polen23e
+reproduce: $(STAMP) data
+	$(PY) -m cam.evaluate
+
+## Print the speed table (DenseNet-169, 224x224, 8 images)
+benchmark: $(STAMP)
+	$(PY) benchmarks/speed.py
+
+.PHONY: help venv test data folds train reproduce benchmark
