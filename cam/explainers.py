@@ -53,9 +53,10 @@ class Explainer:
         self.split = Split(model, layer, score)
         self.layer = self.split.layer
         self.score = score
-        self._trunk = tf.function(self.split.trunk, reduce_retracing=True)
-        self._head = tf.function(self.split.head, reduce_retracing=True)
-        self._full = tf.function(lambda x: self.split.full(x), reduce_retracing=True)
+        # Fresh closures per explainer: tf.function keys its retracing warnings on the Python
+        # function, and several explainers on one model would otherwise share a counter.
+        self._trunk = tf.function(lambda x: self.split.trunk(x), reduce_retracing=True)
+        self._head = tf.function(lambda a, b: self.split.head(a, b), reduce_retracing=True)
         self.last_targets: np.ndarray | None = None
         self.last_scores: np.ndarray | None = None
 
@@ -126,11 +127,14 @@ class Explainer:
         float32 numpy array, (B, H, W) or (B, h, w).
         """
         images = self._check_images(images)
+        if isinstance(targets, np.ndarray) and targets.ndim == 0:
+            targets = targets.item()
         if not isinstance(targets, (type(None), int, np.integer)):
             targets = np.asarray(targets)
             if targets.ndim != 1 or len(targets) != len(images):
+                got = f"{len(targets)} values" if targets.ndim == 1 else f"{targets!r}"
                 raise ValueError(f"targets must be None, an int, or {len(images)} ints (one per "
-                                 f"image); got {len(targets) if targets.ndim else 'a'} value(s)")
+                                 f"image); got {got}")
         chunks, all_targets, all_scores = [], [], []
         for start in range(0, len(images), TRUNK_BATCH):
             batch = images[start:start + TRUNK_BATCH]
@@ -227,23 +231,31 @@ class _AblationExplainer(Explainer):
     @property
     def evaluations_per_image(self) -> int:
         """Ablated forward passes (through the head, or the whole net in full mode) per image."""
-        return len(self.masks(self.split.target_shape))
+        return self.evaluations(self.split.target_shape)
+
+    def evaluations(self, grid_shape: tuple) -> int:
+        """Ablations per image for a target layer output of shape (h, w, C)."""
+        if any(d is None for d in grid_shape):
+            raise ValueError(f"layer {self.layer!r} has shape {grid_shape}, which depends on the "
+                             f"image size; call evaluations((h, w, C)) with a known grid")
+        return len(self.masks(tuple(grid_shape)))
 
     def ablated_scores(self, image, activation, bypass, target: int,
                        masks: np.ndarray) -> np.ndarray:
         """Class score with each mask applied, for one image: (len(masks),)."""
         out = []
         target = tf.constant(int(target))
-        for start in range(0, len(masks), self.batch_size):
-            batch = masks[start:start + self.batch_size]
-            pad = self.batch_size - len(batch)
+        size = min(self.batch_size, len(masks))  # no padding when one batch holds every mask
+        for start in range(0, len(masks), size):
+            batch = masks[start:start + size]
+            pad = size - len(batch)
             if pad:  # a fixed batch shape keeps the compiled function from retracing
                 batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], bool)])
             if self.mode == "head":
                 scores = self._score_head(activation, bypass, tf.constant(batch), target)
             else:
                 scores = self._score_full(image, tf.constant(batch), target)
-            out.append(scores.numpy()[:self.batch_size - pad])
+            out.append(scores.numpy()[:size - pad])
         return np.concatenate(out)
 
     def _raw_maps(self, images, activation, bypass, targets, scores):

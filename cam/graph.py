@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 from keras.src import tree
 from keras.src.models.functional import Functional
 
@@ -133,8 +134,10 @@ class LayerGraph:
     def candidates(self) -> list[tuple[str, tuple]]:
         """Layers with one 4-D output (batch, h, w, channels) whose grid is not 1x1."""
         out = []
+        leaf_names = {c.name for c in self.calls}
         for name, calls in self.layer_outputs.items():
-            if len(calls) != 1 or len(calls[0]) != 1:
+            # A nested model's output is its last inner layer's output: list that layer once.
+            if name not in leaf_names or len(calls) != 1 or len(calls[0]) != 1:
                 continue
             shape = tuple(self.specs[calls[0][0]].shape)
             if _has_grid(shape):
@@ -150,7 +153,9 @@ class LayerGraph:
     def resolve(self, layer: str | int | None) -> tuple[str, Key]:
         """Name and output key of the target layer (a name, an index into candidates, None)."""
         candidates = self.candidates()
-        if layer is None or isinstance(layer, (int,)) and not isinstance(layer, bool):
+        if isinstance(layer, np.integer):
+            layer = int(layer)
+        if layer is None or isinstance(layer, int) and not isinstance(layer, bool):
             if not candidates:
                 raise ValueError(
                     f"model {self.model.name!r} has no layer with a spatial (batch, h, w, "

@@ -38,6 +38,9 @@ def ablation_weights(score: np.ndarray, ablated: np.ndarray, eps: float = SCORE_
 def window_starts(n: int, window: int, stride: int) -> list[int]:
     """Start indices of windows of ``window`` cells stepping by ``stride`` along an axis of
     ``n`` cells; the last window is shifted back to end at the edge so every cell is covered."""
+    if not 1 <= window <= n or stride < 1:
+        raise ValueError(f"need 1 <= window <= {n} and stride >= 1, got window={window}, "
+                         f"stride={stride}")
     starts = list(range(0, n - window + 1, stride))
     if starts[-1] != n - window:
         starts.append(n - window)

@@ -38,7 +38,7 @@ class TrainConfig:
     held_out_fold: int = 0
     train_size: int = 160
     eval_size: int = 224
-    epochs: int = 32
+    epochs: int = 24
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -158,7 +158,12 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
     ds = training_dataset(x_train, one_hot, cfg)
     history = model.fit(
         ds, epochs=cfg.epochs, verbose=2,
-        callbacks=[HeldOutCurve(x_test_small, y_test, cfg.eval_every, cfg.batch_size)],
+        callbacks=[
+            HeldOutCurve(x_test_small, y_test, cfg.eval_every, cfg.batch_size),
+            # the latest weights, so an interrupted run leaves something to inspect
+            keras.callbacks.ModelCheckpoint(paths.DATA_DIR / "cache" / "last.weights.h5",
+                                            save_weights_only=True),
+        ],
     )
     curve = pd.DataFrame(history.history)
     curve.insert(0, "epoch", np.arange(1, len(curve) + 1))

@@ -1,0 +1,101 @@
+"""DenseNet-169 architecture, checkpoint verification, and the committed POLEN23E checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+from cam import data, paths
+from cam.models import CHECKPOINT_STEM, build_densenet169, checkpoint_paths, load_checkpoint
+from cam.train import TrainConfig, recalibrate_batchnorm, training_dataset
+
+WEIGHTS, META = checkpoint_paths()
+
+
+@pytest.fixture(scope="module")
+def densenet():
+    return build_densenet169(5, image_size=None)
+
+
+def test_densenet_has_the_reference_layer_names_and_momentum(densenet):
+    names = {layer.name for layer in densenet.layers}
+    assert {"relu", "conv5_block32_concat", "conv4_block12_1_conv", "avg_pool", "predictions"} <= names
+    momenta = {l.momentum for l in densenet.layers if isinstance(l, keras.layers.BatchNormalization)}
+    assert momenta == {0.9}
+    assert densenet.get_layer("predictions").activation is keras.activations.softmax
+
+
+def test_densenet_takes_raw_pixels_at_any_size(densenet):
+    x = np.random.default_rng(0).uniform(0, 255, (1, 96, 128, 3)).astype("float32")
+    probs = densenet(x, training=False).numpy()
+    assert probs.shape == (1, 5) and np.isclose(probs.sum(), 1, atol=1e-5)
+    rescale = densenet.get_layer("rescale")
+    out = rescale(x).numpy()
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_recalibrate_batchnorm_moves_statistics_to_the_data():
+    inputs = keras.Input((4, 4, 2))
+    bn = keras.layers.BatchNormalization(momentum=0.99)
+    model = keras.Model(inputs, bn(inputs))
+    images = np.random.default_rng(0).normal(5.0, 2.0, (64, 4, 4, 2)).astype("float32")
+    recalibrate_batchnorm(model, images, batch_size=16, passes=2)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), images.mean((0, 1, 2)), rtol=0.05)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), images.var((0, 1, 2)), rtol=0.2)
+    assert bn.momentum == 0.99  # restored
+
+
+def test_training_dataset_batches_augmented_images():
+    images = np.random.default_rng(0).integers(0, 255, (10, 16, 16, 3), dtype=np.uint8)
+    labels = np.eye(2, dtype="float32")[np.arange(10) % 2]
+    cfg = TrainConfig(batch_size=4)
+    batches = list(training_dataset(images, labels, cfg))
+    assert len(batches) == 2  # the incomplete batch is dropped
+    x, y = batches[0]
+    assert x.shape == (4, 16, 16, 3) and y.shape == (4, 2)
+    assert x.dtype.name == "float32"
+    assert not any(np.array_equal(x.numpy()[0], img.astype("float32")) for img in images)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    if not WEIGHTS.is_file():
+        pytest.fail(f"the committed checkpoint {WEIGHTS} is missing")
+    shutil.copy(META, tmp_path / META.name)
+    blob = bytearray(WEIGHTS.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tmp_path / WEIGHTS.name).write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_checkpoint(CHECKPOINT_STEM, tmp_path)
+
+
+def test_checkpoint_with_other_architecture_is_refused(tmp_path):
+    shutil.copy(WEIGHTS, tmp_path / WEIGHTS.name)
+    record = json.loads(META.read_text())
+    record["architecture"]["parameters"] += 1
+    (tmp_path / META.name).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        load_checkpoint(CHECKPOINT_STEM, tmp_path)
+
+
+def test_missing_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train one"):
+        load_checkpoint(CHECKPOINT_STEM, tmp_path)
+
+
+@pytest.mark.skipif(paths.polen23e_dir() is None, reason="POLEN23E not available (set POLEN23E_DIR)")
+def test_committed_checkpoint_replays_its_recorded_predictions():
+    model, record = load_checkpoint()
+    sample = record["recorded_sample"]
+    size = record["config"]["eval_size"]
+    images = data.load_images(paths.polen23e_dir(), sample["files"], size, progress=False)
+    predictions = model.predict(images.astype("float32"), verbose=0).argmax(1)
+    assert predictions.tolist() == sample["predictions"]
+    accuracy = float((predictions == np.array(sample["labels"])).mean())
+    assert accuracy == pytest.approx(sample["accuracy"])
+    # the sample is held-out images only
+    folds = data.read_fold_table().set_index("file")
+    assert (folds.loc[sample["files"], "fold"] == record["held_out_fold"]).all()
