@@ -9,19 +9,21 @@ folds are built from groups of duplicates so that no picture sits on both sides 
 from __future__ import annotations
 
 import hashlib
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import pdist, squareform
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
 from . import paths
+from .download import IMAGE_EXTENSIONS, class_from_name
 
 #: The 23 pollen types of POLEN23E, in label order (the prefixes the Kaggle copy uses).
 POLEN23E_CLASSES: tuple[str, ...] = (
@@ -30,7 +32,6 @@ POLEN23E_CLASSES: tuple[str, ...] = (
     "myrcia", "protium", "qualea", "schinus", "senegalia", "serjania", "syagrus", "tridax",
     "urochloa",
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 N_FOLDS = 5
 FOLD_SEED = 0
 #: Perceptual hashes (64-bit pHash) this close are treated as the same picture. On POLEN23E the
@@ -38,47 +39,35 @@ FOLD_SEED = 0
 #: at 6 the first cross-class pairs appear (serjania vs matayba), so 4 is the largest safe value.
 NEAR_DUPLICATE_MAX_DISTANCE = 4
 
-_CLASS_FROM_NAME = re.compile(r"^(?P<cls>[a-z]+?)(?:_\d+| \(\d+\))$")
-
-
 class DatasetError(RuntimeError):
     """The dataset on disk is not what it should be (missing, unreadable or incomplete files)."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    file: str  # path relative to the dataset root, with forward slashes
-    label: str
-
-
-def class_from_filename(path: Path) -> str | None:
-    """Class prefix of a flat-layout name: ``anadenanthera_16.jpg``, ``senegalia (1).jpg``."""
-    match = _CLASS_FROM_NAME.match(path.stem.lower())
-    return match.group("cls") if match else None
 
 
 def list_images(root: str | Path, classes: tuple[str, ...] | None = None) -> pd.DataFrame:
     """List the images of a dataset in either layout, one row per file (``file``, ``class``).
 
     Reads the one-folder-per-class layout (the figshare original, the shared copy) and the flat
-    Kaggle layout (class prefix in the file name). Files are sorted by class then name, so the
+    Kaggle layout (class prefix in the file name, old labels such as ``acacia`` mapped as the
+    downloader maps them). A top-level ``masks/`` folder (the synthetic stand-in's ground
+    truth) is not part of the images. Files are sorted by class then name, so the
     order does not depend on the file system. ``classes``, when given, must match the folders
     or prefixes found exactly.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    files = [p for p in files if "masks" not in p.relative_to(root).parts[:-1]]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # The synthetic stand-in keeps its ground-truth masks in a top-level masks/ folder.
+    files = [p for p in files if p.relative_to(root).parts[0] != "masks"]
     if not files:
-        raise DatasetError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        raise DatasetError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
     rows = []
     for path in files:
         rel = path.relative_to(root)
         if len(rel.parts) >= 2:
             label = rel.parts[-2].lower()
         else:
-            label = class_from_filename(path)
+            label = class_from_name(path.name)
             if label is None:
                 raise DatasetError(
                     f"cannot tell the class of {rel}: flat-layout names must look like "
@@ -104,8 +93,14 @@ def read_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB"))
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16-bit greyscale: scale to 8 bits (Pillow's RGB conversion would clip it)
+                wide = np.asarray(img, dtype=np.float64)
+                gray = np.round(wide * 255.0 / max(wide.max(), 1.0)).astype(np.uint8)
+                array = np.repeat(gray[..., None], 3, axis=-1)
+            else:
+                array = np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetError(f"cannot decode {path}: {err}") from err
     if array.size == 0 or min(array.shape[:2]) < 2:
@@ -161,44 +156,36 @@ def duplicate_groups(root: str | Path, files, max_distance: int = NEAR_DUPLICATE
                      progress: bool = True) -> pd.DataFrame:
     """Group exact (same pixels) and near duplicates (pHash within ``max_distance`` bits).
 
-    Returns one row per file with ``group`` (an int shared by all copies of one picture) and
-    ``duplicate_of`` (the first file of its group when the group has more than one member).
-    Near-duplicates are chained (union-find), so A~B and B~C put A, B and C in one group.
+    Returns one row per file with ``group`` (an int shared by all copies of one picture,
+    numbered in file order) and ``duplicate_of`` (the first file of its group, for the other
+    members). Near-duplicates chain: A~B and B~C put A, B and C in one group (connected
+    components of the "same picture" graph).
     """
     root = Path(root)
     files = list(files)
-    digests, hashes = [], []
+    digests, bits, bad = [], [], []
     for rel in tqdm(files, desc="hashing images for duplicates", disable=not progress, leave=False):
-        image = read_rgb(root / rel)
+        try:
+            image = read_rgb(root / rel)
+        except DatasetError as err:
+            bad.append(str(err))
+            continue
         digests.append(pixel_digest(image))
-        hashes.append(imagehash.phash(Image.fromarray(image)))
-    parent = list(range(len(files)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
-    first_by_digest: dict[str, int] = {}
-    for i, digest in enumerate(digests):
-        union(i, first_by_digest.setdefault(digest, i))
-    bits = np.stack([h.hash.ravel() for h in hashes])  # (N, 64) bool
-    distances = (bits[:, None, :] != bits[None, :, :]).sum(-1)
-    for i, j in zip(*np.nonzero(np.triu(distances <= max_distance, k=1))):
-        union(int(i), int(j))
-    roots = [find(i) for i in range(len(files))]
-    group_ids = {r: g for g, r in enumerate(dict.fromkeys(roots))}
-    sizes = pd.Series(roots).value_counts()
+        bits.append(imagehash.phash(Image.fromarray(image)).hash.ravel())
+    if bad:
+        raise DatasetError(f"{len(bad)} of {len(files)} images could not be read:\n  " + "\n  ".join(bad))
+    bits = np.stack(bits)
+    hamming = squareform(pdist(bits, metric="hamming")) * bits.shape[1]
+    same = (hamming <= max_distance) | (np.array(digests)[:, None] == np.array(digests)[None, :])
+    _, labels = connected_components(csr_matrix(same), directed=False)
+    first = {}
+    for i, label in enumerate(labels):
+        first.setdefault(label, i)
+    group_of = {label: g for g, label in enumerate(first)}  # numbered by first member
     return pd.DataFrame({
         "file": files,
-        "group": [group_ids[r] for r in roots],
-        "duplicate_of": [files[r] if sizes[r] > 1 and r != i else "" for i, r in enumerate(roots)],
+        "group": [group_of[label] for label in labels],
+        "duplicate_of": [files[first[label]] if first[label] != i else "" for i, label in enumerate(labels)],
     })
 
 

@@ -57,6 +57,7 @@ class Explainer:
         # function, and several explainers on one model would otherwise share a counter.
         self._trunk = tf.function(lambda x: self.split.trunk(x), reduce_retracing=True)
         self._head = tf.function(lambda a, b: self.split.head(a, b), reduce_retracing=True)
+        self._full = tf.function(lambda x: self.split.full(x), reduce_retracing=True)
         self.last_targets: np.ndarray | None = None
         self.last_scores: np.ndarray | None = None
 
@@ -100,6 +101,18 @@ class Explainer:
                              f"{num_classes} classes, valid targets are 0..{num_classes - 1}")
         return array.astype(np.int64)
 
+    def _check_logits(self, scores: np.ndarray) -> None:
+        """Refuse to call probabilities logits: if the softmax is hidden where cam cannot see
+        it (a subclassed head, a custom op), score='logit' would silently explain probabilities."""
+        if self.score == "logit" and scores.shape[1] > 1 and (scores >= 0).all() \
+                and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4):
+            raise ValueError(
+                "score='logit', but the model's outputs are non-negative and sum to 1 like "
+                "probabilities, and cam found no softmax layer or activation to remove. Pass "
+                "score='probability', or give the model a Dense(..., activation='softmax') or "
+                "Softmax layer as its last layer so the logits can be reached."
+            )
+
     # -- the call --------------------------------------------------------------------------
 
     def __call__(self, images, targets=None, upsample: bool = True,
@@ -139,7 +152,12 @@ class Explainer:
         for start in range(0, len(images), TRUNK_BATCH):
             batch = images[start:start + TRUNK_BATCH]
             activation, bypass = self._trunk(tf.constant(batch))
-            scores = self._head(activation, bypass).numpy()
+            # In full mode even the unablated scores come from the whole network (the oracle
+            # shares nothing with the split but the target activation).
+            scores = (self._full(tf.constant(batch)) if self.mode == "full"
+                      else self._head(activation, bypass)).numpy()
+            if start == 0:
+                self._check_logits(scores)
             chunk_targets = targets if targets is None or np.ndim(targets) == 0 \
                 else targets[start:start + TRUNK_BATCH]
             chunk_targets = self._check_targets(chunk_targets, scores)
@@ -240,33 +258,43 @@ class _AblationExplainer(Explainer):
                              f"image size; call evaluations((h, w, C)) with a known grid")
         return len(self.masks(tuple(grid_shape)))
 
-    def ablated_scores(self, image, activation, bypass, target: int,
-                       masks: np.ndarray) -> np.ndarray:
-        """Class score with each mask applied, for one image: (len(masks),)."""
-        out = []
-        target = tf.constant(int(target))
+    def mask_batches(self, masks: np.ndarray) -> list:
+        """Masks cut into equal batches (the last padded with masks that ablate nothing, so
+        the compiled function never sees a new shape), as tensors made once per call."""
         size = min(self.batch_size, len(masks))  # no padding when one batch holds every mask
-        for start in range(0, len(masks), size):
-            batch = masks[start:start + size]
-            pad = size - len(batch)
-            if pad:  # a fixed batch shape keeps the compiled function from retracing
-                batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], bool)])
+        pad = -len(masks) % size
+        padded = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], bool)])
+        return [tf.constant(padded[i:i + size]) for i in range(0, len(padded), size)]
+
+    def ablated_scores(self, image, activation, bypass, target: int, masks) -> np.ndarray:
+        """Class score with each mask applied, for one image: (len(masks),).
+
+        ``masks`` is an array of masks or the output of :meth:`mask_batches`.
+        """
+        if isinstance(masks, np.ndarray):
+            count, masks = len(masks), self.mask_batches(masks)
+        else:
+            count = None
+        target = tf.constant(int(target))
+        out = []
+        for batch in masks:
             if self.mode == "head":
-                scores = self._score_head(activation, bypass, tf.constant(batch), target)
+                out.append(self._score_head(activation, bypass, batch, target))
             else:
-                scores = self._score_full(image, tf.constant(batch), target)
-            out.append(scores.numpy()[:size - pad])
-        return np.concatenate(out)
+                out.append(self._score_full(image, batch, target))
+        scores = tf.concat(out, 0).numpy()  # one device-to-host copy per image
+        return scores if count is None else scores[:count]
 
     def _raw_maps(self, images, activation, bypass, targets, scores):
         masks = self.masks(tuple(activation.shape[1:]))
-        drops = []
+        batches = self.mask_batches(masks)
+        ablated = []
         for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} ablations/image)",
                       leave=False, disable=len(images) < 2):
-            drops.append(self.ablated_scores(
+            ablated.append(self.ablated_scores(
                 tf.constant(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
-                targets[i], masks))
-        return self._combine(activation.numpy(), scores, np.stack(drops), masks)
+                targets[i], batches)[:len(masks)])
+        return self._combine(activation.numpy(), scores, np.stack(ablated), masks)
 
     def _combine(self, activation, scores, ablated, masks):
         raise NotImplementedError
@@ -308,7 +336,8 @@ class FastAblationCAM(_AblationExplainer):
         super().__init__(model, layer, score, batch_size, ablation_value, mode)
         h, w = self.split.target_shape[:2]
         for name, value in (("window", window), ("stride", stride)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            if (value is not None or name == "window") and \
+                    (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise ValueError(f"{name} must be an int, got {value!r}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")

@@ -26,8 +26,13 @@ from typing import Any, Sequence
 
 import keras
 import numpy as np
-from keras.src import tree
-from keras.src.models.functional import Functional
+from keras import tree
+
+try:  # the graph structure is internal to Keras; fail loudly if it moves
+    from keras.src.models.functional import Functional
+except ImportError as err:  # pragma: no cover
+    raise ImportError(f"cam needs Keras 3's functional graph (keras.src.models.functional); "
+                      f"Keras {keras.__version__} does not have it") from err
 
 Key = tuple  # (call path, id of the KerasTensor in its own graph)
 
@@ -48,6 +53,8 @@ class Call:
         local = {id(t): values[k] for t, k in zip(self.arguments.keras_tensors, self.arg_keys)}
         args, kwargs = self.arguments.fill_in(local)
         op = operation or self.operation
+        # Explanations are of the deployed model: Dropout off, BatchNorm on moving statistics
+        # (an explicit training=True in the model, e.g. Monte-Carlo dropout, is overridden too).
         if getattr(op, "_call_has_training_arg", False):
             kwargs["training"] = False
         outputs = tree.flatten(op(*args, **kwargs))
@@ -85,8 +92,8 @@ class LayerGraph:
             raise TypeError(
                 f"{type(model).__name__} {getattr(model, 'name', '')!r} is not a functional or "
                 f"Sequential Keras model (or is a Sequential model that was never built on an "
-                f"Input), so its layers cannot be reached. Build it with keras.Input, or wrap "
-                f"it: keras.Model(inp, model(inp))."
+                f"Input), so its layers cannot be reached: cam needs the layer graph. Build the "
+                f"model with the functional API or keras.Sequential([keras.Input(...), ...])."
             )
         self = cls(model=model)
         self.input_specs = list(graph.inputs)
@@ -228,15 +235,26 @@ class _PreActivation:
 
 
 def output_activation(call: Call) -> str | None:
-    """'softmax' / 'sigmoid' when the model's last call ends in one, else None."""
+    """'softmax' / 'sigmoid' when the call applies one (as a layer, an activation, or an op)."""
     op = call.operation
-    if isinstance(op, keras.layers.Softmax):
+    if isinstance(op, keras.layers.Softmax) or type(op).__name__ == "Softmax":
         return "softmax"
+    if type(op).__name__ == "Sigmoid":
+        return "sigmoid"
     fn = getattr(op, "activation", None)
     for name in ("softmax", "sigmoid"):
         if fn is not None and _is_activation(fn, name):
             return name
     return None
+
+
+def _is_passthrough(call: Call) -> bool:
+    """A layer that leaves values alone: Activation('linear'), e.g. the float32 cast that
+    mixed-precision models put after the classifier, or Identity."""
+    op = call.operation
+    if isinstance(op, keras.layers.Identity):
+        return True
+    return isinstance(op, keras.layers.Activation) and _is_activation(op.activation, "linear")
 
 
 class Split:
@@ -258,6 +276,8 @@ class Split:
         output = graph.output_keys[0]
         producers = {k: c for c in graph.calls for k in c.out_keys}
         last = producers.get(output)
+        while last is not None and _is_passthrough(last) and len(last.arg_keys) == 1:
+            last = producers.get(last.arg_keys[0])  # look through trailing linear layers
         self.output_activation = output_activation(last) if last is not None else None
         self._overrides: dict[int, Any] = {}
         if score == "probability" and self.output_activation is None:
@@ -267,12 +287,16 @@ class Split:
             )
         if score == "logit" and self.output_activation is not None:
             op = last.operation
-            if isinstance(op, keras.layers.Softmax) or isinstance(op, keras.layers.Activation):
-                output = last.arg_keys[0]  # the logits are the activation layer's input
+            if not hasattr(op, "activation") or isinstance(op, keras.layers.Activation):
+                output = last.arg_keys[0]  # the logits are the activation's input
             else:
                 self._overrides[id(last)] = _PreActivation(op)
         self.output = output
-        self.num_classes = graph.specs[output].shape[-1]
+        out_shape = tuple(graph.specs[output].shape)
+        if len(out_shape) != 2:
+            raise ValueError(f"model {model.name!r} outputs shape {out_shape}; cam explains "
+                             f"classifiers whose output is (batch, classes)")
+        self.num_classes = out_shape[-1]
 
         depends = {self.target}
         self.head_calls = []
@@ -304,7 +328,7 @@ class Split:
         values = {self.target: activation, **dict(zip(self.bypass, bypass))}
         for call in self.head_calls:
             call.run(values, self._overrides.get(id(call)))
-        return values[self.output]
+        return _as_float32(values[self.output])
 
     def full(self, images, replace=None) -> Any:
         """The whole network, every layer in order, with the target activation T replaced by
@@ -318,7 +342,13 @@ class Split:
             call.run(values, self._overrides.get(id(call)))
             if replace is not None and self.target in call.out_keys:
                 values[self.target] = replace(values[self.target])
-        return values[self.output]
+        return _as_float32(values[self.output])
+
+
+def _as_float32(scores):
+    """Scores in float32 even under a mixed-precision policy: ablation drops are small
+    differences of large scores, which float16 would round away."""
+    return keras.ops.cast(scores, "float32")
 
 
 def _needed(calls: list[Call], wanted: set) -> list[Call]:

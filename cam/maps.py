@@ -84,7 +84,10 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     value sits at the centre of the image patch it covers and edges are clamped.
     """
     height, width = size
-    return np.stack([
-        cv2.resize(m.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-        for m in maps
-    ]) if len(maps) else np.zeros((0, height, width), np.float32)
+    maps = np.asarray(maps, dtype=np.float32)
+    out = np.empty((len(maps), height, width), np.float32)
+    for start in range(0, len(maps), 512):  # OpenCV resizes up to 512 channels in one call
+        stack = np.ascontiguousarray(maps[start:start + 512].transpose(1, 2, 0))
+        resized = cv2.resize(stack, (width, height), interpolation=cv2.INTER_LINEAR)
+        out[start:start + 512] = resized.reshape(height, width, -1).transpose(2, 0, 1)
+    return out

@@ -19,18 +19,19 @@ CHECKPOINT_STEM = "densenet169-polen23e-fold0"
 
 
 def build_densenet169(num_classes: int, image_size: int | None = 224, dropout: float = 0.2,
-                      bn_momentum: float = BN_MOMENTUM, seed: int = 0) -> keras.Model:
+                      bn_momentum: float = BN_MOMENTUM) -> keras.Model:
     """DenseNet-169 (``keras.applications``, no pretrained weights) with a classifier head.
 
     The model takes RGB images with values in [0, 255] (float) and rescales them itself, so
     the images a user passes to an explainer are the pixels shown in the overlays. The layer
     names are those of ``keras.applications.DenseNet169``: the last feature map is ``relu``
     (7x7x1664 at 224 px), the final dense block's output is ``conv5_block32_concat``.
-    ``image_size=None`` builds a model that accepts any square or non-square size.
+    ``image_size=None`` builds a model that accepts any square or non-square size. Weights are
+    initialised from Keras' global seed (``keras.utils.set_random_seed``); this function does
+    not reset it.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    keras.utils.set_random_seed(seed)
     shape = (image_size, image_size, 3) if image_size else (None, None, 3)
     inputs = keras.Input(shape, name="image")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from . import data, paths
-from .models import build_densenet169
+from .models import CHECKPOINT_STEM, build_densenet169
 
 
 @dataclass
@@ -50,7 +51,8 @@ class TrainConfig:
     seed: int = 0
 
 
-def cached_images(root: Path, files, size: int, cache_dir: Path = paths.DATA_DIR / "cache") -> np.ndarray:
+def cached_images(root: Path, files, size: int,
+                  cache_dir: Path = paths.DATA_DIR / "cache") -> np.ndarray:
     """Decode ``files`` once at ``size`` px and keep them in ``data/cache`` (git-ignored)."""
     files = list(files)
     digest = hashlib.sha256(("\n".join(files) + f"|{size}|{Path(root).resolve()}").encode()).hexdigest()[:16]
@@ -61,7 +63,9 @@ def cached_images(root: Path, files, size: int, cache_dir: Path = paths.DATA_DIR
             return array
     array = data.load_images(root, files, size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, array)
+    partial = path.with_suffix(".partial.npy")
+    np.save(partial, array)
+    os.replace(partial, path)  # an interrupted write never leaves a truncated cache behind
     return array
 
 
@@ -96,11 +100,14 @@ class HeldOutCurve(keras.callbacks.Callback):
     def __init__(self, images, labels, every: int, batch_size: int):
         super().__init__()
         self.images, self.labels, self.every, self.batch_size = images, labels, every, batch_size
+        self.points: dict[int, float] = {}  # epoch (1-based) -> held-out accuracy
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0 and logs is not None:
+        if (epoch + 1) % self.every == 0:
             probs = self.model.predict(self.images.astype(np.float32), batch_size=self.batch_size, verbose=0)
-            logs["held_out_accuracy"] = float((probs.argmax(1) == self.labels).mean())
+            self.points[epoch + 1] = float((probs.argmax(1) == self.labels).mean())
+            print(f"epoch {epoch + 1}: held-out accuracy {self.points[epoch + 1]:.3f} "
+                  f"at {self.images.shape[1]}px (learning curve only)", flush=True)
 
 
 def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 32,
@@ -144,7 +151,7 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
     x_test = cached_images(root, test_rows["file"], cfg.eval_size)
     y_test = test_rows["label"].to_numpy()
 
-    model = build_densenet169(len(classes), image_size=None, seed=cfg.seed)
+    model = build_densenet169(len(classes), image_size=None)
     steps = len(x_train) // cfg.batch_size
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=steps * (cfg.epochs - cfg.warmup_epochs),
@@ -156,10 +163,11 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
     )
     one_hot = keras.utils.to_categorical(y_train, len(classes))
     ds = training_dataset(x_train, one_hot, cfg)
+    held_out_curve = HeldOutCurve(x_test_small, y_test, cfg.eval_every, cfg.batch_size)
     history = model.fit(
         ds, epochs=cfg.epochs, verbose=2,
         callbacks=[
-            HeldOutCurve(x_test_small, y_test, cfg.eval_every, cfg.batch_size),
+            held_out_curve,
             # the latest weights, so an interrupted run leaves something to inspect
             keras.callbacks.ModelCheckpoint(paths.DATA_DIR / "cache" / "last.weights.h5",
                                             save_weights_only=True),
@@ -167,6 +175,7 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
     )
     curve = pd.DataFrame(history.history)
     curve.insert(0, "epoch", np.arange(1, len(curve) + 1))
+    curve["held_out_accuracy"] = curve["epoch"].map(held_out_curve.points)
     train_seconds = time.time() - started
 
     def accuracy(images):
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in asdict(defaults).items():
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
-    parser.add_argument("--stem", default="densenet169-polen23e-fold0")
+    parser.add_argument("--stem", default=CHECKPOINT_STEM)
     args = vars(parser.parse_args(argv))
     stem = args.pop("stem")
     cfg = TrainConfig(**args)

@@ -164,3 +164,21 @@ def test_real_dataset_decodes_every_file_including_tiff():
     assert len(tiffs) == 91
     images = data.load_images(root, tiffs[:5] + frame["file"].tolist()[:5], 64, progress=False)
     assert images.shape == (10, 64, 64, 3) and images.std() > 5
+
+
+def test_sixteen_bit_tiff_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # up to 65520
+    Image.fromarray(ramp).save(tmp_path / "deep_01.jpg", format="TIFF")
+    image = data.read_rgb(tmp_path / "deep_01.jpg")
+    assert image.dtype == np.uint8 and image.shape == (64, 64, 3)
+    assert image.max() == 255 and image.min() == 0
+    assert len(np.unique(image[..., 0])) > 200  # a ramp, not a white square
+
+
+def test_duplicate_grouping_reports_every_unreadable_file(class_tree):
+    (class_tree / "alpha" / "alpha_05.jpg").write_bytes(b"broken")
+    (class_tree / "beta" / "beta_05.jpg").write_bytes(b"")
+    files = data.list_images(class_tree)["file"]
+    with pytest.raises(data.DatasetError, match="2 of 12 images could not be read") as err:
+        data.duplicate_groups(class_tree, files, progress=False)
+    assert "alpha_05.jpg" in str(err.value) and "beta_05.jpg" in str(err.value)

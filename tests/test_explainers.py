@@ -402,6 +402,7 @@ class TestErrors:
             ({"window": -2}, "window must be >= 1"),
             ({"window": 9}, "window 9 is larger than"),  # the grid is 8x8
             ({"window": 1.5}, "window must be an int"),
+            ({"window": None}, "window must be an int"),
             ({"window": 2, "stride": 3}, "stride must be between 1 and window"),
             ({"window": 3, "stride": 0}, "stride must be between 1 and window"),
             ({"window": 3, "stride": -1}, "stride must be between 1 and window"),

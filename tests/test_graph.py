@@ -296,18 +296,33 @@ def test_logit_of_sigmoid_dense_is_pre_sigmoid():
                                _features(model, images) @ kernel + bias, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("final", ["activation", "softmax_layer"])
+@pytest.mark.parametrize("final", ["activation", "softmax_layer", "ops_softmax",
+                                   "dense_softmax_then_linear"])
 def test_logit_with_separate_softmax_layer(final):
     keras.utils.set_random_seed(6)
     inputs = keras.Input((6, 6, 3))
     x = L.Conv2D(4, 3, padding="same", name="conv")(inputs)
     x = L.ReLU(name="relu")(x)
     x = L.GlobalAveragePooling2D(name="gap")(x)
-    logits = L.Dense(3, name="dense")(x)
-    head = L.Activation("softmax", name="act") if final == "activation" else L.Softmax(name="act")
-    model = keras.Model(inputs, head(logits))
+    if final == "dense_softmax_then_linear":  # the mixed-precision idiom: a float32 cast last
+        dense = L.Dense(3, activation="softmax", name="dense")
+        logits = keras.Model(inputs, dense(x)).output  # built; logits computed by hand below
+        model = keras.Model(inputs, L.Activation("linear", dtype="float32", name="act")(logits))
+        kernel, bias = (w.numpy() for w in dense.weights)
+        expected = _np(keras.Model(inputs, x)(np.zeros((1, 6, 6, 3), np.float32)))  # shape only
+    else:
+        logits = L.Dense(3, name="dense")(x)
+        if final == "ops_softmax":
+            model = keras.Model(inputs, keras.ops.softmax(logits))
+        else:
+            head = L.Activation("softmax", name="act") if final == "activation" \
+                else L.Softmax(name="act")
+            model = keras.Model(inputs, head(logits))
     images = np.random.default_rng(6).standard_normal((2, 6, 6, 3)).astype(np.float32)
-    expected = _np(keras.Model(inputs, logits)(images))
+    if final == "dense_softmax_then_linear":
+        expected = _np(keras.Model(inputs, x)(images)) @ kernel + bias
+    else:
+        expected = _np(keras.Model(inputs, logits)(images))
     split = Split(model, "relu", "logit")
     assert split.output_activation == "softmax"
     np.testing.assert_allclose(_np(split.head(*split.trunk(images))), expected, rtol=1e-5,
@@ -328,3 +343,30 @@ def test_probability_without_softmax_raises(gap_head_model):
 def test_invalid_score_raises(gap_head_model, score):
     with pytest.raises(ValueError, match="score must be 'logit' or 'probability'"):
         Split(gap_head_model, "relu", score)
+
+
+class _HiddenSoftmaxHead(keras.layers.Layer):
+    """A custom layer that applies softmax inside, where cam cannot see it."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], 3), initializer="glorot_uniform")
+
+    def call(self, x):
+        return keras.ops.softmax(keras.ops.matmul(x, self.w))
+
+
+def test_hidden_softmax_is_refused_rather_than_explained_as_logits():
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, padding="same", activation="relu", name="relu")(inputs)
+    model = keras.Model(inputs, _HiddenSoftmaxHead(name="hidden_head")(L.GlobalAveragePooling2D()(x)))
+    images = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="sum to 1 like probabilities"):
+        cam.GradCAM(model, "relu")(images)
+
+
+def test_non_classifier_output_is_refused():
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="seg")(x))
+    with pytest.raises(ValueError, match=r"\(batch, classes\)"):
+        Split(model, "conv")
