@@ -1,0 +1,111 @@
+"""Figures: a map over its image, the raw map on its grid, and a methods-by-images grid.
+
+Every function returns a matplotlib figure and, given ``save=PATH``, also writes a PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _as_display(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) float image in [0, 1] from uint8 / [0, 255] / [0, 1] / one-channel input."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    lo, hi = float(image.min()), float(image.max())
+    if hi > 1.0:
+        image = image / 255.0 if lo >= 0 and hi <= 255 else (image - lo) / max(hi - lo, 1e-12)
+    return np.clip(image, 0, 1)
+
+
+def overlay(image: np.ndarray, saliency: np.ndarray, cmap: str = "jet", alpha: float = 0.5,
+            threshold: float = 0.0, smooth: float = 0.0) -> np.ndarray:
+    """Blend a [0, 1] map over an image: an (H, W, 3) float array in [0, 1].
+
+    Cells at or below ``threshold`` are left uncoloured, with the colour's opacity ramping up
+    from there, so weak evidence does not tint the whole picture; ``smooth`` is the sigma
+    (pixels) of a Gaussian blur applied to the map first, for softer edges.
+    """
+    base = _as_display(image)
+    saliency = np.asarray(saliency, dtype=np.float32)
+    if saliency.shape != base.shape[:2]:
+        saliency = cv2.resize(saliency, base.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+    if smooth > 0:
+        saliency = cv2.GaussianBlur(saliency, (0, 0), smooth)
+    colours = plt.get_cmap(cmap)(np.clip(saliency, 0, 1))[..., :3]
+    weight = np.clip((saliency - threshold) / max(1 - threshold, 1e-6), 0, 1) if threshold > 0 \
+        else np.ones_like(saliency)
+    weight = (alpha * weight)[..., None]
+    return (1 - weight) * base + weight * colours
+
+
+def _finish(fig, save):
+    if save is not None:
+        Path(save).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def show_overlay(image, saliency, title: str | None = None, save=None, **kwargs):
+    """One overlay in its own figure (see :func:`overlay` for the keyword arguments)."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(overlay(image, saliency, **kwargs))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return _finish(fig, save)
+
+
+def show_raw(raw_map: np.ndarray, title: str | None = None, annotate: bool = True,
+             cmap: str = "RdBu_r", save=None):
+    """The raw (h, w) map on its own grid, diverging around 0, with each cell's value."""
+    raw_map = np.asarray(raw_map, dtype=np.float32)
+    h, w = raw_map.shape
+    fig, ax = plt.subplots(figsize=(0.55 * w + 1.5, 0.55 * h + 1))
+    bound = float(np.abs(raw_map).max()) or 1.0
+    image = ax.imshow(raw_map, cmap=cmap, vmin=-bound, vmax=bound)
+    if annotate and h * w <= 400:
+        for (i, j), value in np.ndenumerate(raw_map):
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
+    ax.set(xticks=range(w), yticks=range(h))
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    if title:
+        ax.set_title(title)
+    return _finish(fig, save)
+
+
+def compare_methods(images: np.ndarray, maps: Mapping[str, np.ndarray],
+                    row_titles: Sequence[str] | None = None, save=None, **kwargs):
+    """A grid: one row per image, the image then one overlay per method."""
+    images = np.asarray(images)
+    n, methods = len(images), list(maps)
+    for name, m in maps.items():
+        if len(m) != n:
+            raise ValueError(f"maps[{name!r}] has {len(m)} maps for {n} images")
+    fig, axes = plt.subplots(n, len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.2 * n),
+                             squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(_as_display(images[i]))
+        axes[i, 0].set_ylabel(row_titles[i] if row_titles else "", fontsize=8)
+        for j, name in enumerate(methods, start=1):
+            axes[i, j].imshow(overlay(images[i], maps[name][i], **kwargs))
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for j, name in enumerate(["image"] + methods):
+        axes[0, j].set_title(name, fontsize=9)
+    fig.tight_layout()
+    return _finish(fig, save)
