@@ -16,14 +16,52 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,notebooks]'
+	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
 	@touch $(STAMP)
 
 ## Create or update the virtual environment in .venv with everything installed
 venv: $(STAMP)
 
-## Run the test suite (creates the virtual environment if needed)
+NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
+CI_NB := build/ci-notebooks
+PM := $(VENV)/bin/papermill --log-output --no-progress-bar
+# Small parameters for CI: the synthetic stand-in at 64 px, and one held-out image per class.
+SYNTH_SMALL := -p dataset synthetic -p output_dir $(CURDIR)/$(CI_NB)/results/synthetic -p image_size 64 \
+	-p train_size 64 -p epochs 10 -p architecture small_cnn -p mode train -p batch_size 16 \
+	-p samples_per_class 2 -p thumb_size 48
+POLEN_SMALL := -p dataset polen23e -p output_dir $(CURDIR)/$(CI_NB)/results/polen23e -p mode load \
+	-p held_out_per_class 1 -p samples_per_class 1 -p thumb_size 48
+
+## Run the test suite and every notebook with small parameters (creates .venv if needed)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	@rm -rf $(CI_NB) && mkdir -p $(CI_NB)
+	@for nb in $(NOTEBOOKS); do \
+	  $(PM) --prepare-only $$nb $(CI_NB)/synthetic-$$(basename $$nb) $(SYNTH_SMALL) >/dev/null || exit 1; \
+	  if [ -n "$(POLEN23E_DIR)" ]; then \
+	    $(PM) --prepare-only $$nb $(CI_NB)/polen23e-$$(basename $$nb) $(POLEN_SMALL) >/dev/null || exit 1; fi; \
+	done
+	$(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env -p no:cacheprovider
+
+## Rerun the study on POLEN23E: every notebook, figures and tables into results/polen23e
+reproduce: $(STAMP) data
+	@mkdir -p results/polen23e/executed
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(PM) $$nb results/polen23e/executed/$$(basename $$nb) -p dataset polen23e || exit 1; \
+	done
+
+## Run the same notebooks on the synthetic stand-in into results/synthetic (offline, minutes)
+demo: $(STAMP)
+	@mkdir -p results/synthetic/executed
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(PM) $$nb results/synthetic/executed/$$(basename $$nb) -p dataset synthetic \
+	    -p architecture small_cnn -p train_size 128 -p image_size 128 -p epochs 15 || exit 1; \
+	done
+
+## Open the notebooks in JupyterLab
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
 
 ## Download POLEN23E from figshare into data/polen23e (skipped when POLEN23E_DIR is set)
 data: $(STAMP)
@@ -38,12 +76,8 @@ folds: $(STAMP)
 train: $(STAMP)
 	$(PY) -m cam.train
 
-## Evaluate the committed checkpoint on the held-out fold into results/polen23e
-reproduce: $(STAMP) data
-	$(PY) -m cam.evaluate
-
 ## Print the speed table (DenseNet-169, 224x224, 8 images)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
-.PHONY: help venv test data folds train reproduce benchmark
+.PHONY: help venv test data folds train reproduce demo lab benchmark

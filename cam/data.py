@@ -108,6 +108,16 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return array
 
 
+def image_sizes(root: str | Path, files) -> pd.DataFrame:
+    """Width and height of each file, read from its header (no decoding)."""
+    root = Path(root)
+    sizes = []
+    for rel in files:
+        with Image.open(root / rel) as img:
+            sizes.append(img.size)
+    return pd.DataFrame(sizes, columns=["width", "height"])
+
+
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Pad an image to a square with its median border colour, then resize to ``size``.
 

@@ -73,6 +73,12 @@ def curves_figure(history: pd.DataFrame):
     return fig
 
 
+def predict(model, root: Path, files, size: int, batch_size: int = 16) -> np.ndarray:
+    """Class probabilities for ``files`` (relative to ``root``) decoded at ``size`` px."""
+    images = data.load_images(root, files, size)
+    return model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+
+
 def evaluate(stem: str = CHECKPOINT_STEM, out_dir: Path = paths.RESULTS_DIR / "polen23e",
              batch_size: int = 16) -> dict:
     model, record = load_checkpoint(stem)

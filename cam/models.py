@@ -46,6 +46,32 @@ def build_densenet169(num_classes: int, image_size: int | None = 224, dropout: f
     return model
 
 
+def build_small_cnn(num_classes: int, image_size: int | None = 128, width: int = 32) -> keras.Model:
+    """A small CNN for the synthetic stand-in: trains in a minute on a CPU.
+
+    Same conventions as :func:`build_densenet169`: raw [0, 255] pixels in, a last feature map
+    named ``relu``, ``avg_pool`` and a softmax ``predictions`` layer.
+    """
+    shape = (image_size, image_size, 3) if image_size else (None, None, 3)
+    inputs = keras.Input(shape, name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inputs)
+    for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
+        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{block}")(x)
+        x = keras.layers.ReLU(name=f"relu{block}")(x)
+        x = keras.layers.MaxPooling2D(name=f"pool{block}")(x)
+    x = keras.layers.Conv2D(4 * width, 3, padding="same", use_bias=False, name="conv4")(x)
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="small_cnn")
+
+
+#: Builders by name, as recorded in a checkpoint's ``config["architecture"]``.
+ARCHITECTURES = {"densenet169": build_densenet169, "small_cnn": build_small_cnn}
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -93,7 +119,7 @@ def load_checkpoint(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.M
     if not weights.is_file() or not meta.is_file():
         raise FileNotFoundError(
             f"checkpoint {weights.name} (with {meta.name}) not found in {weights.parent}; "
-            f"train one with notebooks/02-train-or-load.ipynb (mode='train')"
+            f"train one with `make train` (python -m cam.train)"
         )
     record = json.loads(meta.read_text())
     actual = sha256_file(weights)
@@ -102,7 +128,8 @@ def load_checkpoint(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.M
             f"{weights} has SHA-256 {actual}, but {meta.name} records {record['sha256']}: "
             f"the file is corrupt or was replaced (a Git LFS pointer?)"
         )
-    model = build_densenet169(len(record["classes"]), image_size=image_size)
+    architecture = record.get("config", {}).get("architecture", "densenet169")
+    model = ARCHITECTURES[architecture](len(record["classes"]), image_size=image_size)
     expected = dict(record["architecture"])
     found = architecture_signature(model)
     if {k: v for k, v in found.items() if k != "output_shape"} != \

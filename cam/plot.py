@@ -109,3 +109,22 @@ def compare_methods(images: np.ndarray, maps: Mapping[str, np.ndarray],
         axes[0, j].set_title(name, fontsize=9)
     fig.tight_layout()
     return _finish(fig, save)
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, columns: int = 8,
+               save=None):
+    """Thumbnails in rows of ``columns``, each with an optional title."""
+    images = np.asarray(images)
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"{len(titles)} titles for {len(images)} images")
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.55 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i, image in enumerate(images):
+        ax = axes.ravel()[i]
+        ax.imshow(_as_display(image))
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    return _finish(fig, save)

@@ -31,11 +31,12 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from . import data, paths
-from .models import CHECKPOINT_STEM, build_densenet169
+from .models import ARCHITECTURES, CHECKPOINT_STEM
 
 
 @dataclass
 class TrainConfig:
+    architecture: str = "densenet169"  # a key of cam.models.ARCHITECTURES
     held_out_fold: int = 0
     train_size: int = 160
     eval_size: int = 224
@@ -151,7 +152,9 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
     x_test = cached_images(root, test_rows["file"], cfg.eval_size)
     y_test = test_rows["label"].to_numpy()
 
-    model = build_densenet169(len(classes), image_size=None)
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}")
+    model = ARCHITECTURES[cfg.architecture](len(classes), image_size=None)
     steps = len(x_train) // cfg.batch_size
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=steps * (cfg.epochs - cfg.warmup_epochs),

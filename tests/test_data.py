@@ -182,3 +182,8 @@ def test_duplicate_grouping_reports_every_unreadable_file(class_tree):
     with pytest.raises(data.DatasetError, match="2 of 12 images could not be read") as err:
         data.duplicate_groups(class_tree, files, progress=False)
     assert "alpha_05.jpg" in str(err.value) and "beta_05.jpg" in str(err.value)
+
+
+def test_image_sizes_read_from_headers(class_tree):
+    sizes = data.image_sizes(class_tree, ["alpha/alpha_00.jpg", "beta/beta_04.jpg"])
+    assert sizes.to_dict("list") == {"width": [48, 48], "height": [40, 40]}

@@ -65,3 +65,12 @@ def test_figures_save_png(tmp_path, image, saliency):
 def test_compare_methods_checks_counts(image, saliency):
     with pytest.raises(ValueError, match=r"maps\['m'\] has 1 maps for 2 images"):
         plot.compare_methods(np.stack([image, image]), {"m": saliency[None]})
+
+
+def test_image_grid_lays_out_rows(tmp_path, image):
+    fig = plot.image_grid(np.stack([image] * 5), titles=list("abcde"), columns=3,
+                          save=tmp_path / "g.png")
+    assert len(fig.axes) == 6 and fig.axes[4].get_title() == "e"
+    assert (tmp_path / "g.png").is_file()
+    with pytest.raises(ValueError, match="2 titles for 5 images"):
+        plot.image_grid(np.stack([image] * 5), titles=["a", "b"])
