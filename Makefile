@@ -72,7 +72,7 @@ data: $(STAMP)
 folds: $(STAMP)
 	$(PY) -m cam.data folds
 
-## Train DenseNet-169 on POLEN23E from scratch (about 75 minutes on 2 CPU cores)
+## Train DenseNet-169 on POLEN23E from scratch (about 90 minutes on 2 CPU cores)
 train: $(STAMP)
 	$(PY) -m cam.train
 

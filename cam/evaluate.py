@@ -1,12 +1,6 @@
-"""Score a checkpoint on its held-out fold: accuracy, per-class table, confusion matrix.
-
-``python -m cam.evaluate`` writes, under ``results/polen23e/``:
-
-* ``tables/02-held-out-per-class.csv`` and ``.md``: precision, recall (= per-class accuracy),
-  F1 and support per class, from scikit-learn;
-* ``figures/02-confusion-matrix.png``;
-* ``figures/02-training-curves.png`` when the checkpoint has a training history.
-"""
+"""Scoring a classifier on its held-out fold: predictions, per-class table, confusion matrix,
+training curves (used by notebooks/02-train-or-load), and the recorded sample of held-out
+predictions that the checkpoint test replays (``python -m cam.evaluate``)."""
 
 from __future__ import annotations
 
@@ -79,42 +73,18 @@ def predict(model, root: Path, files, size: int, batch_size: int = 16) -> np.nda
     return model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
 
 
-def evaluate(stem: str = CHECKPOINT_STEM, out_dir: Path = paths.RESULTS_DIR / "polen23e",
-             batch_size: int = 16) -> dict:
-    model, record = load_checkpoint(stem)
-    classes = tuple(record["classes"])
-    size = record["config"]["eval_size"]
-    rows = held_out(data.read_fold_table(), record["held_out_fold"])
-    images = data.load_images(data.polen23e_root(), rows["file"], size)
-    probs = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
-    predictions = probs.argmax(1)
-    labels = rows["label"].to_numpy()
-    accuracy = float((predictions == labels).mean())
-    tables, figures = Path(out_dir) / "tables", Path(out_dir) / "figures"
-    tables.mkdir(parents=True, exist_ok=True)
-    figures.mkdir(parents=True, exist_ok=True)
-    table = per_class_table(labels, predictions, classes)
-    table.to_csv(tables / "02-held-out-per-class.csv")
-    (tables / "02-held-out-per-class.md").write_text(table.to_markdown() + "\n")
-    fig = confusion_figure(labels, predictions, classes,
-                           f"held-out fold {record['held_out_fold']}: {accuracy:.1%} top-1 "
-                           f"({len(labels)} images, {size}x{size})")
-    fig.savefig(figures / "02-confusion-matrix.png", dpi=120)
-    plt.close(fig)
-    history_csv = checkpoint_paths(stem)[0].with_name(f"{stem}-history.csv")
-    if history_csv.is_file():
-        fig = curves_figure(pd.read_csv(history_csv))
-        fig.savefig(figures / "02-training-curves.png", dpi=120)
-        plt.close(fig)
-    return {"accuracy": accuracy, "images": int(len(labels)), "size": size}
+def record_sample(stem: str = CHECKPOINT_STEM, directory: Path = paths.MODELS_DIR,
+                  root: Path | None = None, folds: pd.DataFrame | None = None) -> dict:
+    """Store the checkpoint's predictions on :func:`recorded_sample` in its JSON.
 
-
-def record_sample(stem: str = CHECKPOINT_STEM) -> dict:
-    """Store the checkpoint's predictions on :func:`recorded_sample` in its JSON."""
-    model, record = load_checkpoint(stem)
-    rows = recorded_sample(held_out(data.read_fold_table(), record["held_out_fold"]))
+    tests/test_models.py replays them: the committed weights must predict the same classes
+    for the same held-out files, decoded the same way.
+    """
+    model, record = load_checkpoint(stem, directory)
+    folds = data.read_fold_table() if folds is None else folds
+    rows = recorded_sample(held_out(folds, record["held_out_fold"]))
     size = record["config"]["eval_size"]
-    images = data.load_images(data.polen23e_root(), rows["file"], size)
+    images = data.load_images(root or data.polen23e_root(), rows["file"], size, progress=False)
     predictions = model.predict(images.astype(np.float32), verbose=0).argmax(1)
     record["recorded_sample"] = {
         "files": rows["file"].tolist(),
@@ -122,7 +92,7 @@ def record_sample(stem: str = CHECKPOINT_STEM) -> dict:
         "predictions": predictions.astype(int).tolist(),
         "accuracy": float((predictions == rows["label"].to_numpy()).mean()),
     }
-    meta = checkpoint_paths(stem)[1]
+    meta = checkpoint_paths(stem, directory)[1]
     meta.write_text(json.dumps(record, indent=2) + "\n")
     return record["recorded_sample"]
 
@@ -130,17 +100,13 @@ def record_sample(stem: str = CHECKPOINT_STEM) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cam.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cam.evaluate",
+        description="Record a checkpoint's predictions on a fixed held-out sample in its JSON.")
     parser.add_argument("--stem", default=CHECKPOINT_STEM)
-    parser.add_argument("--record-sample", action="store_true",
-                        help="store predictions on a fixed held-out sample in the checkpoint JSON")
     args = parser.parse_args(argv)
-    if args.record_sample:
-        print(record_sample(args.stem))
-    summary = evaluate(args.stem)
-    print(f"held-out top-1 accuracy {summary['accuracy']:.1%} on {summary['images']} images "
-          f"at {summary['size']}x{summary['size']}; tables and figures in results/polen23e")
+    sample = record_sample(args.stem)
+    print(f"recorded {len(sample['files'])} held-out predictions, accuracy {sample['accuracy']:.1%}")
     return 0
 
 

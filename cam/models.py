@@ -86,12 +86,32 @@ def checkpoint_paths(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.
     return directory / f"{stem}.weights.h5", directory / f"{stem}.json"
 
 
+def strip_optimizer(source: str | Path, target: str | Path) -> None:
+    """Copy a Keras ``.weights.h5`` file without its ``optimizer`` group.
+
+    Keras writes a trained model's optimizer moments next to its weights (for DenseNet-169
+    with AdamW that triples the file, 150 MB instead of 50 MB); inference needs the weights
+    alone, and ``load_weights`` reads such a file unchanged.
+    """
+    import h5py
+
+    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            if name != "optimizer":
+                src.copy(src[name], dst, name=name)
+
+
 def save_checkpoint(model: keras.Model, metadata: dict, stem: str = CHECKPOINT_STEM,
                     directory: str | Path = paths.MODELS_DIR) -> Path:
     """Write the weights and a JSON with their SHA-256, the architecture and ``metadata``."""
     weights, meta = checkpoint_paths(stem, directory)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    model.save_weights(weights)
+    full = weights.with_name(weights.name + ".partial.h5")
+    model.save_weights(full)
+    strip_optimizer(full, weights)
+    full.unlink()
     record = {
         "weights": weights.name,
         "sha256": sha256_file(weights),
