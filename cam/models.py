@@ -108,7 +108,7 @@ def save_checkpoint(model: keras.Model, metadata: dict, stem: str = CHECKPOINT_S
     """Write the weights and a JSON with their SHA-256, the architecture and ``metadata``."""
     weights, meta = checkpoint_paths(stem, directory)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    full = weights.with_name(weights.name + ".partial.h5")
+    full = weights.with_name(f"{stem}.partial.weights.h5")
     model.save_weights(full)
     strip_optimizer(full, weights)
     full.unlink()
