@@ -36,7 +36,7 @@ POLEN_SMALL := -p dataset polen23e -p output_dir $(CURDIR)/$(CI_NB)/results/pole
 test: $(STAMP)
 	@rm -rf $(CI_NB) && mkdir -p $(CI_NB)
 	@for nb in $(NOTEBOOKS); do \
-	  : $(PM) --prepare-only $$nb $(CI_NB)/synthetic-$$(basename $$nb) $(SYNTH_SMALL) >/dev/null || exit 1; \
+	  $(PM) --prepare-only $$nb $(CI_NB)/synthetic-$$(basename $$nb) $(SYNTH_SMALL) >/dev/null || exit 1; \
 	  if [ -n "$(POLEN23E_DIR)" ]; then \
 	    $(PM) --prepare-only $$nb $(CI_NB)/polen23e-$$(basename $$nb) $(POLEN_SMALL) >/dev/null || exit 1; fi; \
 	done

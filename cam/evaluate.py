@@ -80,10 +80,11 @@ def record_sample(stem: str = CHECKPOINT_STEM, directory: Path = paths.MODELS_DI
     tests/test_models.py replays them: the committed weights must predict the same classes
     for the same held-out files, decoded the same way.
     """
-    model, record = load_checkpoint(stem, directory)
+    meta = json.loads(checkpoint_paths(stem, directory)[1].read_text())
+    size = meta["config"]["eval_size"]
+    model, record = load_checkpoint(stem, directory, image_size=size)
     folds = data.read_fold_table() if folds is None else folds
     rows = recorded_sample(held_out(folds, record["held_out_fold"]))
-    size = record["config"]["eval_size"]
     images = data.load_images(root or data.polen23e_root(), rows["file"], size, progress=False)
     predictions = model.predict(images.astype(np.float32), verbose=0).argmax(1)
     record["recorded_sample"] = {
