@@ -15,7 +15,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,notebooks]'
+	$(PY) -m pip install --quiet -e '.[test,notebooks,peer]'
 	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
 	@touch $(STAMP)
 
@@ -25,12 +25,14 @@ venv: $(STAMP)
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 CI_NB := build/ci-notebooks
 PM := $(VENV)/bin/papermill --log-output --no-progress-bar
+# Caps shared by the later notebooks: a few images, one timed call, small samples.
+SMALL_COST := -p max_images 4 -p repeats 1 -p budget_s 1 -p sample_masks 8
 # Small parameters for CI: the synthetic stand-in at 64 px, and one held-out image per class.
 SYNTH_SMALL := -p dataset synthetic -p output_dir $(CURDIR)/$(CI_NB)/results/synthetic -p image_size 64 \
 	-p train_size 64 -p epochs 10 -p architecture small_cnn -p mode train -p batch_size 16 \
-	-p samples_per_class 2 -p thumb_size 48
+	-p samples_per_class 2 -p thumb_size 48 $(SMALL_COST)
 POLEN_SMALL := -p dataset polen23e -p output_dir $(CURDIR)/$(CI_NB)/results/polen23e -p mode load \
-	-p held_out_per_class 1 -p samples_per_class 1 -p thumb_size 48
+	-p held_out_per_class 1 -p samples_per_class 1 -p thumb_size 48 -p batch_size 8 $(SMALL_COST)
 
 ## Run the test suite and every notebook with small parameters (creates .venv if needed)
 test: $(STAMP)
