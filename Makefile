@@ -78,7 +78,7 @@ folds: $(STAMP)
 train: $(STAMP)
 	$(PY) -m cam.train
 
-## Print the speed table (DenseNet-169, 224x224, 8 images)
+## Print the speed table (DenseNet-169, 224x224, 8 held-out images, every method and mode)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
