@@ -22,44 +22,24 @@ $(STAMP): pyproject.toml
 ## Create or update the virtual environment in .venv with everything installed
 venv: $(STAMP)
 
-NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 CI_NB := build/ci-notebooks
-PM := $(VENV)/bin/papermill --log-output --no-progress-bar
-# Caps shared by the later notebooks: a few images, one timed call, small samples.
-SMALL_COST := -p max_images 4 -p repeats 1 -p budget_s 1 -p sample_masks 8
-# Small parameters for CI: the synthetic stand-in at 64 px, and one held-out image per class.
-SYNTH_SMALL := -p dataset synthetic -p output_dir $(CURDIR)/$(CI_NB)/results/synthetic -p image_size 64 \
-	-p train_size 64 -p epochs 10 -p architecture small_cnn -p mode train -p batch_size 16 \
-	-p samples_per_class 2 -p thumb_size 48 $(SMALL_COST)
-POLEN_SMALL := -p dataset polen23e -p output_dir $(CURDIR)/$(CI_NB)/results/polen23e -p mode load \
-	-p held_out_per_class 1 -p samples_per_class 1 -p thumb_size 48 -p batch_size 8 $(SMALL_COST)
 
 ## Run the test suite and every notebook with small parameters (creates .venv if needed)
 test: $(STAMP)
-	@rm -rf $(CI_NB) && mkdir -p $(CI_NB)
-	@for nb in $(NOTEBOOKS); do \
-	  $(PM) --prepare-only $$nb $(CI_NB)/synthetic-$$(basename $$nb) $(SYNTH_SMALL) >/dev/null || exit 1; \
-	  if [ -n "$(POLEN23E_DIR)" ]; then \
-	    $(PM) --prepare-only $$nb $(CI_NB)/polen23e-$$(basename $$nb) $(POLEN_SMALL) >/dev/null || exit 1; fi; \
-	done
+	@rm -rf $(CI_NB)
+	$(PY) -m cam.reproduce synthetic --small --prepare-only --out $(CI_NB)/synthetic
+	@if [ -n "$(POLEN23E_DIR)" ]; then \
+	  $(PY) -m cam.reproduce polen23e --small --prepare-only --out $(CI_NB)/polen23e; \
+	else echo "POLEN23E_DIR is not set: the POLEN23E notebook runs are left out"; fi
 	$(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env -p no:cacheprovider
 
 ## Rerun the study on POLEN23E: every notebook, figures and tables into results/polen23e
-reproduce: $(STAMP) data
-	@mkdir -p results/polen23e/executed
-	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(PM) $$nb results/polen23e/executed/$$(basename $$nb) -p dataset polen23e || exit 1; \
-	done
+reproduce: $(STAMP)
+	$(PY) -m cam.reproduce polen23e
 
 ## Run the same notebooks on the synthetic stand-in into results/synthetic (offline, minutes)
 demo: $(STAMP)
-	@mkdir -p results/synthetic/executed
-	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(PM) $$nb results/synthetic/executed/$$(basename $$nb) -p dataset synthetic \
-	    -p architecture small_cnn -p train_size 128 -p image_size 128 -p epochs 15 || exit 1; \
-	done
+	$(PY) -m cam.reproduce synthetic
 
 ## Open the notebooks in JupyterLab
 lab: $(STAMP)
