@@ -46,7 +46,7 @@ DENSENET_LAYERS = ("relu", "conv4_block32_concat", "conv3_block12_concat")
 #: Ablation execution modes, in table order.
 MODES = ("head", "full", "per-mask")
 COLUMNS = ["layer", "grid", "method", "mode", "batch size", "evaluations/image", "ms/image",
-           "x forward", "peak MB", "measured", "notes"]
+           "x forward", "peak MB", "GPU peak MB", "measured", "notes"]
 
 
 # -- machine and memory --------------------------------------------------------------------
@@ -87,7 +87,9 @@ class PeakMemory:
 
     def __init__(self, interval: float = 0.005):
         self.interval, self.peak_mb = interval, 0.0
+        self.gpu_peak_mb = None  # with a GPU: TensorFlow's peak device memory during the block
         self._stop = threading.Event()
+        self._gpu = "GPU:0" if tf.config.list_physical_devices("GPU") else None
 
     def _sample(self):
         while not self._stop.is_set():
@@ -96,6 +98,8 @@ class PeakMemory:
 
     def __enter__(self):
         self.peak_mb = _rss_mb()
+        if self._gpu:
+            tf.config.experimental.reset_memory_stats(self._gpu)
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -104,6 +108,8 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, _rss_mb())
+        if self._gpu:
+            self.gpu_peak_mb = tf.config.experimental.get_memory_info(self._gpu)["peak"] / 2**20
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -173,7 +179,9 @@ class SpeedStudy:
         if self.progress:
             tqdm.write(f"[{time.strftime('%H:%M:%S')}] {message}")
 
-    def _add(self, row: dict) -> dict:
+    def _add(self, row: dict, memory: "PeakMemory | None" = None) -> dict:
+        if memory is not None:
+            row["peak MB"], row["GPU peak MB"] = memory.peak_mb, memory.gpu_peak_mb
         row.setdefault("x forward", row["ms/image"] / self.forward_ms if self.forward_ms else 1.0)
         self.rows.append(row)
         self._log(f"{row['method']:<24} {row.get('mode', ''):<9} {row.get('layer', ''):<22} "
@@ -200,9 +208,9 @@ class SpeedStudy:
         self.forward_ms = timings[best]
         return self._add({"layer": "", "grid": "", "method": "forward pass", "mode": "",
                           "batch size": n, "evaluations/image": 1, "ms/image": self.forward_ms,
-                          "x forward": 1.0, "peak MB": memory.peak_mb, "measured": "all",
+                          "x forward": 1.0, "measured": "all",
                           "notes": f"{best}; " + ", ".join(f"{k} {v:.1f} ms"
-                                                          for k, v in timings.items())})
+                                                          for k, v in timings.items())}, memory)
 
     def _base(self, explainer, method: str, mode: str, batch_size) -> dict:
         shape = explainer.split.target_shape
@@ -217,7 +225,7 @@ class SpeedStudy:
         notes = ("trunk forward, head forward + backward" if mode == "head"
                  else "whole-network forward + backward")
         return self._add({**row, "evaluations/image": 1, "ms/image": ms,
-                          "peak MB": memory.peak_mb, "measured": "all", "notes": notes})
+                          "measured": "all", "notes": notes}, memory)
 
     def ablation(self, method: str, layer: str, mode: str, window: int = 1,
                  batch_size: int | None = None) -> dict:
@@ -268,8 +276,7 @@ class SpeedStudy:
         notes = {"head": "trunk once per image; ablated batches through the head only",
                  "full": "every ablated batch reruns the whole network",
                  "per-mask": "one whole-network pass per mask, one image at a time"}[mode]
-        return self._add({**row, "ms/image": ms, "peak MB": memory.peak_mb,
-                          "measured": measured, "notes": notes})
+        return self._add({**row, "ms/image": ms, "measured": measured, "notes": notes}, memory)
 
     def peer(self, layer: str) -> list[dict]:
         """tf-keras-vis Gradcam and Scorecam at ``layer``, or one row saying it is missing."""
@@ -302,8 +309,8 @@ class SpeedStudy:
         rows.append(self._add({
             "layer": layer, "grid": grid, "method": "tf-keras-vis Gradcam", "mode": "peer",
             "batch size": len(self.images), "evaluations/image": 1, "ms/image": ms,
-            "peak MB": memory.peak_mb, "measured": "all",
-            "notes": f"tf-keras-vis {version}, ReplaceToLinear, whole-network gradient"}))
+            "measured": "all",
+            "notes": f"tf-keras-vis {version}, ReplaceToLinear, whole-network gradient"}, memory))
         # Score-CAM costs one whole-network pass per channel; time a sample of channels on one
         # image (max_N keeps the top-variance ones) and scale the per-channel cost.
         scorecam = Scorecam(self.model)
@@ -322,8 +329,8 @@ class SpeedStudy:
         rows.append(self._add({
             "layer": layer, "grid": grid, "method": "tf-keras-vis Scorecam", "mode": "peer",
             "batch size": 32, "evaluations/image": channels, "ms/image": ms,
-            "peak MB": memory.peak_mb, "measured": measured,
-            "notes": f"tf-keras-vis {version}; one whole-network pass per channel"}))
+            "measured": measured,
+            "notes": f"tf-keras-vis {version}; one whole-network pass per channel"}, memory))
         return rows
 
     # -- the whole study -----------------------------------------------------------------
