@@ -4,6 +4,10 @@
     explainer = cam.FastAblationCAM(model, layer="relu")
     maps = explainer(images)            # (B, H, W) float32 in [0, 1]
     cam.candidate_layers(model)         # which layers can be explained
+    print(cam.layer_table(model))       # the same as a table: index, name, shape, head-only
+    cam.GradCAM(vit, "block1_norm1")    # ViT token layers (batch, tokens, D) work too
+
+From a shell: ``python -m cam layers MODEL.keras``, ``python -m cam explain MODEL.keras IMG``.
 
 The explainers import TensorFlow, which takes seconds; they are loaded on first use so that
 ``python -m cam.download`` and the data tools start at once.
@@ -20,8 +24,12 @@ _EXPORTS = {
     "FastAblationCAM": "explainers",
     "GradCAM": "explainers",
     "explain": "explainers",
+    "Quantile": "maps",
     "Split": "graph",
+    "TokenGrid": "graph",
+    "build_vit": "vit",
     "candidate_layers": "graph",
+    "layer_table": "graph",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

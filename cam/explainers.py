@@ -11,6 +11,10 @@ fixed-size batches of ablated activations through the head only, in one compiled
 with the tensors that bypass the target (DenseNet concatenations, ResNet shortcuts) broadcast
 across the batch. ``mode="full"`` reruns the whole network instead and is kept as the oracle
 the tests compare against and the baseline the benchmark measures.
+
+Token layers (batch, tokens, C) of a Vision Transformer are explained on their patch grid
+(``reshape=None`` finds a square grid, after a class token if there is one; pass
+``reshape=(h, w)`` or a :class:`cam.graph.TokenGrid` for other layouts).
 """
 
 from __future__ import annotations
@@ -44,13 +48,14 @@ class Explainer:
     name = "explainer"
 
     def __init__(self, model: keras.Model, layer: str | int | None = None, score: str = "logit",
-                 mode: str = "head"):
+                 mode: str = "head", reshape=None):
         _check_backend()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.mode = mode
-        self.split = Split(model, layer, score)
+        # reshape: how a token layer (batch, tokens, C) lays out on its grid (cam.TokenGrid)
+        self.split = Split(model, layer, score, reshape)
         self.layer = self.split.layer
         self.score = score
         # Fresh closures per explainer: tf.function keys its retracing warnings on the Python
@@ -116,13 +121,13 @@ class Explainer:
     # -- the call --------------------------------------------------------------------------
 
     def __call__(self, images, targets=None, upsample: bool = True,
-                 normalize: bool = True) -> np.ndarray:
+                 normalize: bool = True, threshold=0.0) -> np.ndarray:
         """Class activation maps for a batch of images.
 
         Parameters
         ----------
         images : array (B, H, W, C)
-            Already preprocessed the way the model expects.
+            Already preprocessed the way the model expects; C = 1 for a grayscale model.
         targets : None, int or sequence of B ints
             Class to explain per image; None explains each image's predicted class.
         upsample : bool
@@ -130,10 +135,15 @@ class Explainer:
             (OpenCV's half-pixel convention: each cell's value sits at the centre of the image
             region it covers); False returns (B, h, w) maps on the target layer's grid.
         normalize : bool
-            True applies ReLU and divides each map by its maximum (an all-zero map stays
-            zeros). False returns the raw map: the weighted channel sum before ReLU for
+            True applies ReLU (or ``threshold``) and divides each map by its maximum (an
+            all-zero map stays zeros). False returns the raw map: the weighted channel sum before ReLU for
             Grad-CAM and Ablation-CAM, the score drop y - y_ablated per cell for
             FastAblationCAM.
+        threshold : float, str or cam.maps.Quantile
+            With ``normalize``, the level that replaces ReLU's 0: values at or below it become
+            0 and the rest are scaled to (0, 1]. A float is an absolute level on the raw map;
+            ``"q0.5"`` or ``Quantile(0.5)`` is that quantile of each map's own values
+            (see :func:`cam.maps.normalize_maps`).
 
         Returns
         -------
@@ -168,7 +178,7 @@ class Explainer:
         self.last_targets = np.concatenate(all_targets)
         self.last_scores = np.concatenate(all_scores)
         raw = np.concatenate(chunks).astype(np.float32)
-        out = M.normalize_maps(raw) if normalize else raw
+        out = M.normalize_maps(raw, threshold) if normalize else raw
         return M.upsample_maps(out, images.shape[1:3]) if upsample else out
 
     def _raw_maps(self, images, activation, bypass, targets, scores) -> np.ndarray:
@@ -180,8 +190,8 @@ class GradCAM(Explainer):
 
     name = "Grad-CAM"
 
-    def __init__(self, model, layer=None, score="logit", mode="head"):
-        super().__init__(model, layer, score, mode)
+    def __init__(self, model, layer=None, score="logit", mode="head", reshape=None):
+        super().__init__(model, layer, score, mode, reshape)
         self._gradients = tf.function(self._gradients_eager, reduce_retracing=True)
 
     def _gradients_eager(self, images, activation, bypass, targets):
@@ -214,8 +224,8 @@ class _AblationExplainer(Explainer):
     """Scores fixed-size batches of ablated activations in one compiled function."""
 
     def __init__(self, model, layer=None, score="logit", batch_size=64, ablation_value=0.0,
-                 mode="head"):
-        super().__init__(model, layer, score, mode)
+                 mode="head", reshape=None):
+        super().__init__(model, layer, score, mode, reshape)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -326,14 +336,15 @@ class FastAblationCAM(_AblationExplainer):
     blocks step by ``stride`` (default ``window``), the last block in each direction is shifted
     back to end at the edge, and each cell gets the mean score drop y - y_ablated of the blocks
     that cover it. That drop is the map itself (no channel weighting). About
-    (h / stride) * (w / stride) evaluations of the head per image instead of C.
+    (h / stride) * (w / stride) evaluations of the head per image instead of C. On a token
+    layer (a ViT) a cell is a patch token, so ``window=1`` ablates one token at a time.
     """
 
     name = "FastAblationCAM"
 
     def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=64,
-                 ablation_value=0.0, mode="head"):
-        super().__init__(model, layer, score, batch_size, ablation_value, mode)
+                 ablation_value=0.0, mode="head", reshape=None):
+        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape)
         h, w = self.split.target_shape[:2]
         for name, value in (("window", window), ("stride", stride)):
             if (value is not None or name == "window") and \
@@ -364,7 +375,8 @@ class FastAblationCAM(_AblationExplainer):
 
 def explain(method: str, model, images, **kwargs) -> np.ndarray:
     """Shortcut: ``explain("gradcam", model, images, layer=..., targets=...)``."""
-    call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize") if k in kwargs}
+    call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize", "threshold")
+                 if k in kwargs}
     return METHODS[_method_key(method)](model, **kwargs)(images, **call_args)
 
 

@@ -16,11 +16,16 @@ head runs per ablation, with the bypass broadcast across the ablation batch.
 This walks Keras' functional graph (``Functional._nodes_by_depth``, ``Node.arguments``), the
 same structure ``keras.Model.__call__`` executes, so it needs a functional or Sequential model;
 a subclassed model can only be a leaf call, not split inside.
+
+Token layers (a Vision Transformer's (batch, tokens, channels) outputs) are explained on their
+patch grid: :class:`TokenGrid` says which tokens form the (h, w) grid and which ones (a class
+token) are carried past the cut unchanged, like the bypass, and are never ablated.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -139,7 +144,9 @@ class LayerGraph:
     # -- layer lookup ---------------------------------------------------------------------
 
     def candidates(self) -> list[tuple[str, tuple]]:
-        """Layers with one 4-D output (batch, h, w, channels) whose grid is not 1x1."""
+        """Layers with one 4-D output (batch, h, w, channels) whose grid is not 1x1, or one
+        token output (batch, tokens, channels) whose tokens form a square grid (after a class
+        token, if any)."""
         out = []
         leaf_names = {c.name for c in self.calls}
         for name, calls in self.layer_outputs.items():
@@ -147,7 +154,7 @@ class LayerGraph:
             if name not in leaf_names or len(calls) != 1 or len(calls[0]) != 1:
                 continue
             shape = tuple(self.specs[calls[0][0]].shape)
-            if _has_grid(shape):
+            if _has_grid(shape) or _square_tokens(shape):
                 out.append((self.short_name(name), shape))
         return out
 
@@ -199,17 +206,116 @@ class LayerGraph:
         if len(calls[0]) != 1:
             raise ValueError(f"layer {name!r} has {len(calls[0])} outputs; a CAM target needs one")
         shape = tuple(self.specs[calls[0][0]].shape)
-        if not _has_grid(shape):
+        if not (_has_grid(shape) or len(shape) == 3):
             raise ValueError(
                 f"layer {name!r} outputs shape {shape}, which has no spatial grid: CAM methods "
-                f"need a (batch, h, w, channels) output with h, w > 1. Candidates nearest the "
-                f"output: {[c[0] for c in candidates[-5:]]}"
+                f"need a (batch, h, w, channels) output with h, w > 1, or (batch, tokens, "
+                f"channels) tokens. Candidates nearest the output: "
+                f"{[c[0] for c in candidates[-5:]]}"
             )
         return name, calls[0][0]
 
 
 def _has_grid(shape: tuple) -> bool:
     return len(shape) == 4 and all(d is None or d > 1 for d in shape[1:3])
+
+
+def _square_tokens(shape: tuple) -> bool:
+    """A (batch, tokens, channels) shape that :meth:`TokenGrid.infer` can lay out by itself."""
+    if len(shape) != 3 or shape[1] is None:
+        return False
+    try:
+        TokenGrid.infer(shape[1])
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a (batch, tokens, channels) layer output lays out on an (h, w) patch grid.
+
+    Tokens ``prefix .. prefix + h*w`` are the patches in row-major order; the ``prefix`` tokens
+    before them (a class token, a distillation token) and the ``suffix`` tokens after them
+    (register tokens) are carried past the cut unchanged and never ablated.
+
+    Pass it as ``reshape=`` to an explainer; ``reshape=(h, w)`` means
+    ``TokenGrid(h, w, prefix=tokens - h*w)``; ``reshape=None`` lets :meth:`infer` decide.
+    """
+
+    height: int
+    width: int
+    prefix: int = 0
+    suffix: int = 0
+
+    def __post_init__(self):
+        for name in ("height", "width", "prefix", "suffix"):
+            value = getattr(self, name)
+            least = 1 if name in ("height", "width") else 0
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or value < least:
+                raise ValueError(f"TokenGrid {name} must be an int >= {least}, got {value!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.height * self.width + self.suffix
+
+    @classmethod
+    def infer(cls, tokens: int, reshape=None, layer: str = "the layer") -> "TokenGrid":
+        """The layout of ``tokens`` tokens: ``reshape`` (None, ``(h, w)`` or a TokenGrid), or
+        for None a square g x g grid, or a class token first and then a g x g grid."""
+        if tokens is None:
+            raise ValueError(f"{layer} has an unknown number of tokens (the model's input size "
+                             f"is not fixed); build the model with a fixed image size")
+        if isinstance(reshape, TokenGrid):
+            grid = reshape
+        elif reshape is not None:
+            if not (isinstance(reshape, (tuple, list)) and len(reshape) == 2):
+                raise ValueError(f"reshape must be None, (height, width) or a cam.TokenGrid, "
+                                 f"got {reshape!r}")
+            h, w = (int(v) for v in reshape)
+            if h * w > tokens:
+                raise ValueError(f"reshape={tuple(reshape)} needs {h * w} tokens but {layer} "
+                                 f"outputs {tokens}")
+            grid = cls(h, w, prefix=tokens - h * w)
+        else:
+            for extra in (0, 1):
+                g = math.isqrt(max(tokens - extra, 0))
+                if g > 1 and g * g == tokens - extra:
+                    return cls(g, g, prefix=extra)
+            raise ValueError(
+                f"{layer} outputs {tokens} tokens, which is neither a square grid (g*g) nor a "
+                f"class token and a square grid (1 + g*g), so the tokens cannot be laid out on "
+                f"a patch grid by themselves; pass reshape=(height, width) (the extra tokens "
+                f"first) or reshape=cam.TokenGrid(height, width, prefix=..., suffix=...)"
+            )
+        if grid.tokens != tokens:
+            raise ValueError(f"{grid} covers {grid.tokens} tokens but {layer} outputs {tokens}")
+        return grid
+
+    def to_grid(self, tokens) -> tuple[Any, list]:
+        """(B, tokens, C) -> the (B, h, w, C) grid and the list of carried tokens."""
+        channels = tokens.shape[-1]
+        end = self.prefix + self.height * self.width
+        grid = keras.ops.reshape(tokens[:, self.prefix:end],
+                                 (-1, self.height, self.width, channels))
+        extras = [tokens[:, :self.prefix]] if self.prefix else []
+        if self.suffix:
+            extras.append(tokens[:, end:])
+        return grid, extras
+
+    def from_grid(self, grid, extras: Sequence) -> Any:
+        """Inverse of :meth:`to_grid`: the grid and the carried tokens back to (B, tokens, C)."""
+        channels = grid.shape[-1]
+        flat = keras.ops.reshape(grid, (-1, self.height * self.width, channels))
+        parts = list(extras[:1]) + [flat] + list(extras[1:]) if self.prefix \
+            else [flat] + list(extras)
+        return keras.ops.concatenate(parts, axis=1) if len(parts) > 1 else flat
+
+    @property
+    def carried(self) -> int:
+        """How many carried-token tensors :meth:`to_grid` returns (0, 1 or 2)."""
+        return int(self.prefix > 0) + int(self.suffix > 0)
 
 
 def _is_activation(fn, name: str) -> bool:
@@ -261,10 +367,12 @@ class Split:
     """Trunk and head of a model at a target layer. See the module docstring."""
 
     def __init__(self, model: keras.Model, layer: str | int | None = None,
-                 score: str = "logit"):
+                 score: str = "logit", reshape=None, *, graph: "LayerGraph | None" = None):
         if score not in ("logit", "probability"):
             raise ValueError(f"score must be 'logit' or 'probability', got {score!r}")
-        self.graph = graph = LayerGraph.from_model(model)
+        if graph is None:
+            graph = LayerGraph.from_model(model)
+        self.graph = graph
         if len(graph.input_keys) != 1:
             raise ValueError(f"model {model.name!r} has {len(graph.input_keys)} inputs; cam "
                              f"explains single-input image models")
@@ -313,7 +421,17 @@ class Split:
         trunk_ids = {id(c) for c in self.head_calls}
         self.trunk_calls = _needed([c for c in graph.calls if id(c) not in trunk_ids],
                                    {self.target, *self.bypass})
-        self.target_shape = tuple(graph.specs[self.target].shape[1:])
+        shape = tuple(graph.specs[self.target].shape[1:])
+        #: How a token layer's (tokens, C) output lays out on its grid; None for (h, w, C).
+        self.tokens: TokenGrid | None = None
+        if len(shape) == 2:
+            self.tokens = TokenGrid.infer(shape[0], reshape, f"layer {self.layer!r}")
+            shape = (self.tokens.height, self.tokens.width, shape[1])
+        elif reshape is not None:
+            raise ValueError(f"reshape is for (batch, tokens, channels) layers; layer "
+                             f"{self.layer!r} already outputs a grid {('batch',) + shape}")
+        #: The target's grid (h, w, C) that explainers see (for token layers, after reshaping).
+        self.target_shape = shape
         self.bypass_shapes = [tuple(graph.specs[k].shape[1:]) for k in self.bypass]
 
     def trunk(self, images) -> tuple[Any, list]:
@@ -321,10 +439,18 @@ class Split:
         values = dict(zip(self.graph.input_keys, [images]))
         for call in self.trunk_calls:
             call.run(values)
-        return values[self.target], [values[k] for k in self.bypass]
+        bypass = [values[k] for k in self.bypass]
+        if self.tokens is None:
+            return values[self.target], bypass
+        grid, carried = self.tokens.to_grid(values[self.target])
+        return grid, carried + bypass  # carried tokens travel with the bypass
 
     def head(self, activation, bypass: Sequence) -> Any:
         """Model scores (logits or probabilities, per ``score``) from the target activation."""
+        bypass = list(bypass)
+        if self.tokens is not None:
+            carried, bypass = bypass[:self.tokens.carried], bypass[self.tokens.carried:]
+            activation = self.tokens.from_grid(activation, carried)
         values = {self.target: activation, **dict(zip(self.bypass, bypass))}
         for call in self.head_calls:
             call.run(values, self._overrides.get(id(call)))
@@ -335,13 +461,18 @@ class Split:
         ``replace(T)`` as soon as it is computed.
 
         This path does not use the trunk/head split at all, which makes it the oracle the
-        head-only path is tested against (and the baseline it is benchmarked against).
+        head-only path is tested against (and the baseline it is benchmarked against). For a
+        token layer, ``replace`` sees the (B, h, w, C) grid, as the explainers do.
         """
         values = dict(zip(self.graph.input_keys, [images]))
         for call in self.graph.calls:
             call.run(values, self._overrides.get(id(call)))
             if replace is not None and self.target in call.out_keys:
-                values[self.target] = replace(values[self.target])
+                if self.tokens is None:
+                    values[self.target] = replace(values[self.target])
+                else:
+                    grid, carried = self.tokens.to_grid(values[self.target])
+                    values[self.target] = self.tokens.from_grid(replace(grid), carried)
         return _as_float32(values[self.output])
 
 
@@ -365,8 +496,41 @@ def _needed(calls: list[Call], wanted: set) -> list[Call]:
 def candidate_layers(model: keras.Model) -> list[tuple[str, tuple]]:
     """``[(name, output_shape), ...]`` of the layers a CAM can target, in graph order.
 
-    A candidate has one 4-D output (batch, h, w, channels) with h, w > 1 (or unknown).
-    Layers inside nested models are included; their name is qualified (``outer/inner``) only
-    when the plain name is not unique.
+    A candidate has one 4-D output (batch, h, w, channels) with h, w > 1 (or unknown), or one
+    token output (batch, tokens, channels) whose tokens are a square grid, after a class token
+    if there is one. Layers inside nested models are included; their name is qualified
+    (``outer/inner``) only when the plain name is not unique. The list index is what
+    ``layer=<int>`` means; :func:`layer_table` prints it as a table.
     """
     return LayerGraph.from_model(model).candidates()
+
+
+def layer_table(model: keras.Model, score: str = "logit"):
+    """The candidate layers as a table: which ``layer=`` to pass, and what it costs.
+
+    Returns a pandas DataFrame indexed by the candidate index (``layer=<int>``), with the
+    layer name, output shape, the grid the map is on (``8x8``; ``8x8 +1 token`` for a class
+    token carried past the cut), ``head-only`` (True when the model splits at the layer so the
+    ablation methods rerun only the head; False with the reason in ``note`` otherwise) and
+    ``head layers`` (how many layer calls each ablation reruns, out of the model's total).
+    """
+    import pandas as pd
+
+    graph = LayerGraph.from_model(model)
+    rows = []
+    for index, (name, shape) in enumerate(graph.candidates()):
+        row = {"layer": name, "output shape": shape, "grid": "", "head-only": False,
+               "head layers": "", "note": ""}
+        try:
+            split = Split(model, name, score, graph=graph)
+        except ValueError as err:
+            row["note"] = str(err).split(";")[0]
+        else:
+            h, w = split.target_shape[:2]
+            row["grid"] = f"{h}x{w}" + (f" +{split.tokens.prefix + split.tokens.suffix} token"
+                                        if split.tokens and split.tokens.carried else "")
+            row["head-only"] = True
+            row["head layers"] = f"{len(split.head_calls)}/{len(graph.calls)}"
+        rows.append(row)
+    columns = ["layer", "output shape", "grid", "head-only", "head layers", "note"]
+    return pd.DataFrame(rows, columns=columns).rename_axis("index")

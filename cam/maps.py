@@ -6,6 +6,8 @@ Kept apart from the explainers so each step can be checked against numbers worke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -68,12 +70,62 @@ def spread_window_drops(drops: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
-def normalize_maps(maps: np.ndarray) -> np.ndarray:
-    """ReLU, then divide each map by its maximum; an all-zero (or all-negative) map stays 0."""
-    maps = np.maximum(np.asarray(maps, dtype=np.float32), 0)
-    peak = maps.reshape(len(maps), -1).max(axis=1)
+@dataclass(frozen=True)
+class Quantile:
+    """A threshold given as a quantile of each map's own values: ``Quantile(0.8)`` keeps the
+    top 20% of cells. ``"q0.8"`` is the same written as a string (handy on a command line)."""
+
+    q: float
+
+    def __post_init__(self):
+        if not 0 <= float(self.q) <= 1:
+            raise ValueError(f"a quantile must be between 0 and 1, got {self.q!r}")
+
+
+def as_threshold(threshold) -> float | Quantile:
+    """A float, or a :class:`Quantile`, from a float, a Quantile, or a string "0.2" / "q0.8"."""
+    if isinstance(threshold, Quantile):
+        return threshold
+    if isinstance(threshold, str):
+        text = threshold.strip().lower()
+        try:
+            return Quantile(float(text[1:])) if text.startswith("q") else float(text)
+        except ValueError:
+            pass
+        raise ValueError(f"threshold must be a number, or 'q' and a quantile in [0, 1] such as "
+                         f"'q0.8'; got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
+            or not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, a cam.maps.Quantile or a string "
+                         f"like 'q0.8'; got {threshold!r}")
+    return float(threshold)
+
+
+def threshold_levels(maps: np.ndarray, threshold=0.0) -> np.ndarray:
+    """The threshold of each map as a number, (B,): the value itself, or the quantile of
+    that map's values."""
+    maps = np.asarray(maps, dtype=np.float32)
+    threshold = as_threshold(threshold)
+    if isinstance(threshold, Quantile):
+        return np.quantile(maps.reshape(len(maps), -1), threshold.q, axis=1).astype(np.float32)
+    return np.full(len(maps), threshold, np.float32)
+
+
+def normalize_maps(maps: np.ndarray, threshold=0.0) -> np.ndarray:
+    """Threshold, then scale each map to [0, 1]: (max(m, t) - t) / (max(m) - t).
+
+    With the default ``threshold=0`` this is ReLU followed by dividing by the maximum. A
+    ``threshold`` t replaces ReLU's 0 as the level below which evidence is dropped: a float
+    is an absolute level on the maps' scale (negative keeps some negative evidence), and
+    ``Quantile(q)`` or ``"q0.8"`` is the q-quantile of each map's own values. A map whose
+    maximum is at or below t becomes all zeros.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    levels = threshold_levels(maps, threshold).reshape((-1,) + (1,) * (maps.ndim - 1))
+    shifted = np.maximum(maps, levels) - levels
+    peak = shifted.reshape(len(maps), -1).max(axis=1)
     scale = np.where(peak > 0, peak, 1).astype(np.float32)
-    return maps / scale.reshape((-1,) + (1,) * (maps.ndim - 1))
+    return shifted / scale.reshape((-1,) + (1,) * (maps.ndim - 1))
 
 
 def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -86,8 +138,9 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     maps = np.asarray(maps, dtype=np.float32)
     out = np.empty((len(maps), height, width), np.float32)
-    for start in range(0, len(maps), 512):  # OpenCV resizes up to 512 channels in one call
-        stack = np.ascontiguousarray(maps[start:start + 512].transpose(1, 2, 0))
+    # OpenCV resizes many channels in one call, up to 512 in 4.x but only 128 in 5.x.
+    for start in range(0, len(maps), 128):
+        stack = np.ascontiguousarray(maps[start:start + 128].transpose(1, 2, 0))
         resized = cv2.resize(stack, (width, height), interpolation=cv2.INTER_LINEAR)
-        out[start:start + 512] = resized.reshape(height, width, -1).transpose(2, 0, 1)
+        out[start:start + 128] = resized.reshape(height, width, -1).transpose(2, 0, 1)
     return out

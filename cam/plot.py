@@ -1,6 +1,8 @@
 """Figures: a map over its image, the raw map on its grid, and a methods-by-images grid.
 
-Every function returns a matplotlib figure and, given ``save=PATH``, also writes a PNG.
+Every ``show_*`` / grid function returns a matplotlib figure and, given ``save=PATH``, also
+writes a PNG. Images may be RGB (H, W, 3) or grayscale (H, W) / (H, W, 1), as uint8, 0-255
+floats or [0, 1] floats; grayscale is shown in gray, not through a colour map.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from . import maps as M  # noqa: E402
 
 
 def _as_display(image: np.ndarray) -> np.ndarray:
@@ -32,19 +36,26 @@ def _as_display(image: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray, cmap: str = "jet", alpha: float = 0.5,
-            threshold: float = 0.0, smooth: float = 0.0) -> np.ndarray:
+            threshold=0.0, smooth: float = 0.0) -> np.ndarray:
     """Blend a [0, 1] map over an image: an (H, W, 3) float array in [0, 1].
 
     Cells at or below ``threshold`` are left uncoloured, with the colour's opacity ramping up
-    from there, so weak evidence does not tint the whole picture; ``smooth`` is the sigma
-    (pixels) of a Gaussian blur applied to the map first, for softer edges.
+    from there, so weak evidence does not tint the whole picture. ``threshold`` is a level in
+    [0, 1], or a quantile of this map's values (``"q0.8"`` or ``cam.maps.Quantile(0.8)``:
+    colour the top 20%). ``smooth`` is the sigma (pixels) of a Gaussian blur applied to the
+    map first, for softer edges; a map coarser than the image is resized bilinearly.
     """
     base = _as_display(image)
     saliency = np.asarray(saliency, dtype=np.float32)
+    if saliency.ndim != 2:
+        raise ValueError(f"saliency must be one (h, w) map, got shape {saliency.shape}")
+    if alpha < 0 or alpha > 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if saliency.shape != base.shape[:2]:
         saliency = cv2.resize(saliency, base.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if smooth > 0:
         saliency = cv2.GaussianBlur(saliency, (0, 0), smooth)
+    threshold = float(M.threshold_levels(saliency[None], threshold)[0])
     colours = plt.get_cmap(cmap)(np.clip(saliency, 0, 1))[..., :3]
     weight = np.clip((saliency - threshold) / max(1 - threshold, 1e-6), 0, 1) if threshold > 0 \
         else np.ones_like(saliency)
@@ -59,13 +70,48 @@ def _finish(fig, save):
     return fig
 
 
-def show_overlay(image, saliency, title: str | None = None, save=None, **kwargs):
-    """One overlay in its own figure (see :func:`overlay` for the keyword arguments)."""
-    fig, ax = plt.subplots(figsize=(4, 4))
+def show_overlay(image, saliency, title: str | None = None, save=None, colorbar: bool = False,
+                 **kwargs):
+    """One overlay in its own figure (see :func:`overlay` for the keyword arguments);
+    ``colorbar=True`` adds the colour scale (0 = weak, 1 = strong evidence)."""
+    fig, ax = plt.subplots(figsize=(4.6 if colorbar else 4, 4))
     ax.imshow(overlay(image, saliency, **kwargs))
     ax.set_axis_off()
+    if colorbar:
+        scale = plt.cm.ScalarMappable(cmap=kwargs.get("cmap", "jet"),
+                                      norm=matplotlib.colors.Normalize(0, 1))
+        fig.colorbar(scale, ax=ax, fraction=0.046)
     if title:
         ax.set_title(title)
+    return _finish(fig, save)
+
+
+def show_explanation(image, raw_map, title: str | None = None, save=None, threshold=0.0,
+                     **kwargs):
+    """The raw map on its own grid (cell values) beside the normalised map over the image.
+
+    ``raw_map`` is one (h, w) map straight from an explainer (``normalize=False,
+    upsample=False``); ``threshold`` is applied when normalising it (see
+    :func:`cam.maps.normalize_maps`), and the other keyword arguments go to :func:`overlay`.
+    """
+    raw_map = np.asarray(raw_map, dtype=np.float32)
+    if raw_map.ndim != 2:
+        raise ValueError(f"raw_map must be one (h, w) map, got shape {raw_map.shape}")
+    h, w = raw_map.shape
+    side = max(4.0, 0.55 * max(h, w) + 1.2)  # room for the cell values
+    fig, (left, right) = plt.subplots(1, 2, figsize=(2 * side + 1, side),
+                                      gridspec_kw={"width_ratios": [1.15, 1]})
+    _draw_raw(left, raw_map, annotate=True, cmap="RdBu_r")
+    left.set_title(f"raw map {raw_map.shape[0]}x{raw_map.shape[1]}", fontsize=9)
+    normalised = M.normalize_maps(raw_map[None], threshold)[0]
+    # With a threshold, the cells it dropped (now 0) are left uncoloured, as in overlay().
+    right.imshow(overlay(image, normalised, threshold=1e-6 if threshold != 0 else 0.0, **kwargs))
+    right.set_axis_off()
+    right.set_title("overlay" + (f", threshold {threshold}" if threshold != 0 else ""),
+                    fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return _finish(fig, save)
 
 
@@ -73,18 +119,26 @@ def show_raw(raw_map: np.ndarray, title: str | None = None, annotate: bool = Tru
              cmap: str = "RdBu_r", save=None):
     """The raw (h, w) map on its own grid, diverging around 0, with each cell's value."""
     raw_map = np.asarray(raw_map, dtype=np.float32)
+    if raw_map.ndim != 2:
+        raise ValueError(f"raw_map must be one (h, w) map, got shape {raw_map.shape}")
     h, w = raw_map.shape
     fig, ax = plt.subplots(figsize=(0.55 * w + 1.5, 0.55 * h + 1))
+    _draw_raw(ax, raw_map, annotate, cmap)
+    if title:
+        ax.set_title(title)
+    return _finish(fig, save)
+
+
+def _draw_raw(ax, raw_map: np.ndarray, annotate: bool, cmap: str) -> None:
+    """The map's cells as squares, colour diverging around 0, values written in (up to 20x20)."""
+    h, w = raw_map.shape
     bound = float(np.abs(raw_map).max()) or 1.0
     image = ax.imshow(raw_map, cmap=cmap, vmin=-bound, vmax=bound)
     if annotate and h * w <= 400:
         for (i, j), value in np.ndenumerate(raw_map):
-            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7 if w <= 6 else 6)
     ax.set(xticks=range(w), yticks=range(h))
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    if title:
-        ax.set_title(title)
-    return _finish(fig, save)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046)
 
 
 def compare_methods(images: np.ndarray, maps: Mapping[str, np.ndarray],

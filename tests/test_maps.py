@@ -252,3 +252,57 @@ def test_upsample_matches_cv2_half_pixel_and_non_square():
 def test_upsample_empty_batch():
     out = M.upsample_maps(np.zeros((0, 2, 2), np.float32), (5, 7))
     assert out.shape == (0, 5, 7)
+
+
+# --------------------------------------------------------------------------- threshold
+
+
+class TestThreshold:
+    MAP = np.array([[[-2.0, 0.0, 1.0, 2.0, 5.0]]], np.float32)  # (1, 1, 5)
+
+    @pytest.mark.parametrize("threshold, expected", [
+        # (max(m, t) - t) / (max(m) - t)
+        (0.0, [0, 0, 1 / 5, 2 / 5, 1]),  # the default: ReLU, then / max
+        (1.0, [0, 0, 0, 1 / 4, 1]),
+        (-2.0, [0, 2 / 7, 3 / 7, 4 / 7, 1]),  # a negative level keeps some negative evidence
+        (5.0, [0, 0, 0, 0, 0]),  # nothing above the level: all zero
+        (M.Quantile(0.5), [0, 0, 0, 1 / 4, 1]),  # the median is 1
+        ("q0.5", [0, 0, 0, 1 / 4, 1]),
+        ("1", [0, 0, 0, 1 / 4, 1]),
+        ("q0", [0, 2 / 7, 3 / 7, 4 / 7, 1]),  # the minimum: min-max scaling
+    ])
+    def test_hand_worked(self, threshold, expected):
+        out = M.normalize_maps(self.MAP, threshold)
+        np.testing.assert_allclose(out[0, 0], expected, atol=1e-6)
+        assert out.dtype == np.float32
+
+    def test_default_is_relu_then_max(self):
+        maps = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+        relu = np.maximum(maps, 0)
+        expected = relu / relu.reshape(3, -1).max(axis=1)[:, None, None]
+        np.testing.assert_allclose(M.normalize_maps(maps), expected, atol=1e-7)
+
+    def test_quantile_is_per_map(self):
+        maps = np.stack([np.arange(4.0).reshape(2, 2), 10 + np.arange(4.0).reshape(2, 2)])
+        np.testing.assert_allclose(M.threshold_levels(maps, "q0.5"), [1.5, 11.5])
+        out = M.normalize_maps(maps, M.Quantile(0.5))
+        np.testing.assert_allclose(out, [[[0, 0], [1 / 3, 1]]] * 2, atol=1e-6)
+
+    @pytest.mark.parametrize("bad, message", [
+        ("median", "'q' and a quantile"),
+        ("q1.5", r"quantile in \[0, 1\].*got 'q1.5'"),
+        (float("nan"), "finite number"),
+        (True, "finite number"),
+        ([0.5], "finite number"),
+    ])
+    def test_bad_thresholds(self, bad, message):
+        with pytest.raises(ValueError, match=message):
+            M.normalize_maps(self.MAP, bad)
+
+
+def test_upsample_more_maps_than_opencv_resizes_at_once():
+    # OpenCV 5 resizes at most 128 channels per call (4.x: 512); 300 maps need three chunks.
+    maps = np.random.default_rng(0).random((300, 3, 4)).astype(np.float32)
+    out = M.upsample_maps(maps, (9, 12))
+    one_by_one = [cv2.resize(m, (12, 9), interpolation=cv2.INTER_LINEAR) for m in maps]
+    np.testing.assert_allclose(out, np.stack(one_by_one), atol=1e-6)

@@ -74,3 +74,53 @@ def test_image_grid_lays_out_rows(tmp_path, image):
     assert (tmp_path / "g.png").is_file()
     with pytest.raises(ValueError, match="2 titles for 5 images"):
         plot.image_grid(np.stack([image] * 5), titles=["a", "b"])
+
+
+# --------------------------------------------------------------------------- threshold, gray
+
+
+def test_overlay_quantile_threshold_equals_its_level(image):
+    ramp = np.tile(np.linspace(0, 1, 20, dtype=np.float32), (16, 1))
+    level = float(np.quantile(ramp, 0.75))
+    by_quantile = plot.overlay(image, ramp, threshold="q0.75")
+    np.testing.assert_allclose(by_quantile, plot.overlay(image, ramp, threshold=level))
+    untouched = ramp <= level
+    np.testing.assert_allclose(by_quantile[untouched], image[untouched] / 255.0, atol=1e-6)
+    assert untouched.mean() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("shape", [(16, 20), (16, 20, 1)])
+def test_grayscale_images_are_shown_in_gray(shape, saliency):
+    gray = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+    out = plot.overlay(gray, saliency, alpha=0.0)  # no colour at all: the image itself
+    expected = gray.reshape(16, 20)[..., None].repeat(3, axis=-1) / 255.0
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    fig = plot.compare_methods(gray[None], {"m": saliency[None]})
+    shown = fig.axes[0].get_images()[0].get_array()
+    assert shown.shape == (16, 20, 3) and np.allclose(shown[..., 0], shown[..., 2])
+
+
+def test_show_raw_writes_every_cell_value():
+    raw_map = np.array([[-1.5, 0.0, 2.0], [0.25, 3.0, -0.5]], np.float32)
+    fig = plot.show_raw(raw_map)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["-1.5", "0", "2", "0.25", "3", "-0.5"]
+
+
+def test_show_explanation_puts_raw_grid_beside_overlay(tmp_path, image):
+    raw_map = np.arange(12, dtype=np.float32).reshape(3, 4) - 4
+    fig = plot.show_explanation(image, raw_map, title="t", threshold="q0.5",
+                                save=tmp_path / "e.png")
+    raw_ax, overlay_ax = fig.axes[:2]
+    assert len(raw_ax.texts) == 12 and raw_ax.get_title() == "raw map 3x4"
+    assert "threshold q0.5" in overlay_ax.get_title()
+    shown = overlay_ax.get_images()[0].get_array()
+    # The cells at or below the median (the top row and the first cell of the middle row,
+    # upsampled) are dropped by the threshold, so the image shows through untinted there.
+    np.testing.assert_allclose(shown[0, :], image[0, :] / 255.0, atol=1e-6)
+    assert (tmp_path / "e.png").is_file()
+
+
+def test_show_overlay_colorbar(image, saliency):
+    assert len(plot.show_overlay(image, saliency, colorbar=True).axes) == 2
+    assert len(plot.show_overlay(image, saliency).axes) == 1

@@ -1,0 +1,240 @@
+"""Command line: explain images with a saved Keras model, or list the layers it can explain.
+
+    python -m cam layers MODEL.keras
+    python -m cam explain MODEL.keras IMAGE... --method gradcam --layer relu --out DIR
+
+Errors (a missing file, an unreadable image, an unknown layer or method) print one line on
+stderr and exit with status 2; set CAM_TRACEBACK=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+PREPROCESSING = (
+    "Images are decoded to RGB (any format Pillow reads), converted to gray for a one-channel "
+    "model, and resized to the model's input size (a non-square image is first padded to a "
+    "square with its border colour, as the project's training does). Pixels are passed as "
+    "raw 0-255 floats: the models in this project rescale inside the model. A model that "
+    "expects other preprocessing must include it as layers."
+)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hide what TensorFlow's C++ side writes to stderr while it is imported (CUDA probes on
+    a CPU machine), so that an error stays the only line there. Python errors still surface:
+    the descriptor is restored before any exception leaves."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _import_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ.get("CAM_TRACEBACK"):
+        import keras  # noqa: F401
+        return
+    with _quiet_stderr():
+        import keras  # noqa: F401
+        import tensorflow
+
+        tensorflow.constant(0)  # starts the runtime, whose device probe also writes to stderr
+
+
+class UsageError(Exception):
+    """A bad command line, reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(f"{message} (see `python -m cam {self.prog.split()[-1]} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m cam", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    layers = commands.add_parser(
+        "layers", help="print the layers a CAM can target",
+        description="Print the candidate layers of a model: the index and name to pass as "
+                    "--layer, the output shape, the grid the map is on, and whether the "
+                    "ablation methods can rerun only the part of the model after the layer.")
+    layers.add_argument("model", help="a Keras model saved as .keras")
+
+    explain = commands.add_parser(
+        "explain", help="write saliency maps of images",
+        description="Write, for each image, the map over the image (IMAGE-METHOD.png) and the "
+                    "raw map on the layer's grid (IMAGE-METHOD.npy: before ReLU and "
+                    "normalisation), and print the predicted class. " + PREPROCESSING)
+    explain.add_argument("model", help="a Keras model saved as .keras")
+    explain.add_argument("images", nargs="+", help="image files")
+    explain.add_argument("--method", default="fastablationcam",
+                         help="gradcam, ablationcam or fastablationcam (default)")
+    explain.add_argument("--layer", default=None,
+                         help="layer name, or index from `python -m cam layers` "
+                              "(default: the candidate nearest the output)")
+    explain.add_argument("--target", type=int, default=None,
+                         help="class index to explain (default: each image's predicted class)")
+    explain.add_argument("--score", default="logit", choices=("logit", "probability"),
+                         help="explain the logit (default) or the softmax probability")
+    explain.add_argument("--window", type=int, default=1,
+                         help="FastAblationCAM window in grid cells (default 1)")
+    explain.add_argument("--threshold", default="0",
+                         help="level replacing ReLU's 0 when normalising the map: a number on "
+                              "the raw map's scale, or qQ for the Q quantile of each map, "
+                              "e.g. q0.8 (default 0)")
+    explain.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (0.5)")
+    explain.add_argument("--classes", default=None,
+                         help="class names, comma-separated, to print with the indices")
+    explain.add_argument("--out", default="cam-maps", help="output folder (default cam-maps)")
+    return parser
+
+
+METHOD_NAMES = ("gradcam", "ablationcam", "fastablationcam")  # cam.explainers.METHODS
+
+
+def _check_model_path(path: str) -> Path:
+    model_path = Path(path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {path!r} does not exist")
+    if model_path.suffix != ".keras":
+        raise ValueError(f"{path!r} is not a .keras file; save the model with "
+                         f"model.save('model.keras')")
+    return model_path
+
+
+def _load_model(path: str):
+    model_path = _check_model_path(path)
+    _import_tensorflow()
+    import keras
+
+    from . import vit  # noqa: F401  registers the ViT layers so saved ViTs load
+
+    try:
+        return keras.saving.load_model(model_path, compile=False)
+    except Exception as err:  # Keras raises many types for a bad archive; name the file
+        raise ValueError(f"cannot load {path!r} as a Keras model: {err}") from err
+
+
+def _read_image(path: str, height: int, width: int, channels: int):
+    import cv2
+
+    from .data import read_rgb, square_resize
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image file {path!r} does not exist")
+    image = read_rgb(path)
+    if height == width:
+        image = square_resize(image, height)
+    else:
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    if channels == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+    elif channels != 3:
+        raise ValueError(f"the model takes {channels}-channel images; the command line reads "
+                         f"RGB or grayscale images only")
+    return image
+
+
+def _layers(args) -> int:
+    import pandas as pd
+
+    model = _load_model(args.model)
+    from .graph import layer_table
+
+    table = layer_table(model)
+    with pd.option_context("display.max_rows", None, "display.width", 200,
+                           "display.max_colwidth", 60):
+        print(table.to_string())
+    return 0
+
+
+def _explain(args) -> int:
+    import numpy as np
+
+    from . import maps as M
+    from . import plot
+
+    # Everything that can be checked without TensorFlow is checked before its slow import.
+    key = args.method.lower().replace("-", "").replace("_", "")
+    if key not in METHOD_NAMES:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {METHOD_NAMES}")
+    threshold = M.as_threshold(args.threshold)
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+    _check_model_path(args.model)
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image file {path!r} does not exist")
+    classes = args.classes.split(",") if args.classes else None
+    _import_tensorflow()
+    from .explainers import METHODS, _method_key
+
+    method = METHODS[_method_key(args.method)]
+    model = _load_model(args.model)
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or None in shape[1:]:
+        raise ValueError(f"the model's input shape is {shape}; the command line needs a fixed "
+                         f"(batch, height, width, channels) input")
+    _, height, width, channels = shape
+    images = np.stack([_read_image(p, height, width, channels) for p in args.images])
+    layer = int(args.layer) if args.layer is not None and args.layer.lstrip("-").isdigit() \
+        else args.layer
+    kwargs = {"window": args.window} if method.__name__ == "FastAblationCAM" else {}
+    explainer = method(model, layer, score=args.score, **kwargs)
+    raw = explainer(images.astype(np.float32), targets=args.target, upsample=False,
+                    normalize=False)
+    maps = M.upsample_maps(M.normalize_maps(raw, threshold), (height, width))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = explainer.last_scores.argmax(axis=1)
+    stems = [Path(p).stem for p in args.images]
+    tag = _method_key(args.method)
+    for i, path in enumerate(args.images):
+        stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
+        target = int(explainer.last_targets[i])
+
+        def named(k):
+            return f"{k} ({classes[k]})" if classes and k < len(classes) else str(k)
+
+        title = f"{explainer.name} · target {named(target)}"
+        plot.show_overlay(images[i], maps[i], title=title, alpha=args.alpha,
+                          threshold=1e-6 if threshold != 0 else 0.0,
+                          save=out / f"{stem}-{tag}.png")
+        plot.plt.close("all")
+        np.save(out / f"{stem}-{tag}.npy", raw[i])
+        score = explainer.last_scores[i, predicted[i]]
+        print(f"{path}: predicted class {named(int(predicted[i]))} ({args.score} "
+              f"{score:.3g}); explained class {named(target)} with {explainer.name} at layer "
+              f"{explainer.layer!r} on a {raw.shape[1]}x{raw.shape[2]} grid")
+    print(f"wrote {len(args.images)} overlays (.png) and raw maps (.npy) to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return {"layers": _layers, "explain": _explain}[args.command](args)
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except Exception as err:  # the boundary: one line, no traceback (CAM_TRACEBACK=1 for it)
+        if os.environ.get("CAM_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"cam: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

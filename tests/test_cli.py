@@ -1,0 +1,95 @@
+"""`python -m cam`: the layer table and explanations of a saved tiny ViT, through subprocess,
+and one-line errors with a non-zero exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from cam import cli
+from cam.vit import build_vit
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A grayscale class-token ViT (16x16 input, 4x4 token grid) saved as .keras, two RGB
+    images of other sizes, and a file that is not an image."""
+    root = tmp_path_factory.mktemp("cli")
+    keras.utils.set_random_seed(0)
+    model = build_vit(3, image_size=16, channels=1, patch_size=4, dim=8, depth=1, heads=2,
+                      mlp_dim=16, conv_stem=False)
+    model.save(root / "vit.keras")
+    rng = np.random.default_rng(0)
+    for name, shape in (("a.png", (20, 30, 3)), ("b.jpg", (16, 16, 3))):
+        Image.fromarray(rng.integers(0, 256, shape).astype(np.uint8)).save(root / name)
+    (root / "broken.png").write_text("not an image")
+    return root
+
+
+def run(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cam", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def test_layers_prints_the_candidate_table(files):
+    result = run("layers", files / "vit.keras")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["layer", "output", "shape", "grid"]
+    row = next(line for line in lines if " block0_norm1 " in line)
+    assert "(None, 17, 8)" in row and "4x4 +1 token" in row and "True" in row
+    assert result.stderr == ""
+
+
+def test_explain_writes_overlays_and_raw_maps(files, tmp_path):
+    out = tmp_path / "maps"
+    result = run("explain", files / "vit.keras", files / "a.png", files / "b.jpg",
+                 "--method", "Ablation-CAM", "--layer", "block0_norm1", "--target", "2",
+                 "--threshold", "q0.5", "--classes", "x,y,z", "--out", out)
+    assert result.returncode == 0, result.stderr
+    for stem in ("a", "b"):
+        raw = np.load(out / f"{stem}-ablationcam.npy")
+        assert raw.shape == (4, 4) and raw.dtype == np.float32 and np.abs(raw).max() > 0
+        with Image.open(out / f"{stem}-ablationcam.png") as png:
+            assert min(png.size) > 100
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{files / 'a.png'}: predicted class ")
+    assert "explained class 2 (z) with Ablation-CAM at layer 'block0_norm1' on a 4x4 grid" \
+        in lines[0]
+    assert lines[-1] == f"wrote 2 overlays (.png) and raw maps (.npy) to {out}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["layers", "{root}/missing.keras"], "model file '{root}/missing.keras' does not exist"),
+    (["explain", "{root}/vit.keras", "{root}/a.png", "--method", "gradcamm"],
+     "unknown method 'gradcamm'"),
+    (["explain", "{root}/vit.keras", "{root}/nowhere.png"],
+     "image file '{root}/nowhere.png' does not exist"),
+    (["explain", "{root}/vit.keras", "{root}/broken.png"], "cannot decode {root}/broken.png"),
+    (["explain", "{root}/vit.keras", "{root}/a.png", "--layer", "block0_nrom1"],
+     "no layer named 'block0_nrom1'"),
+])
+def test_errors_are_one_line_and_exit_non_zero(files, args, message):
+    result = run(*[a.format(root=files) for a in args])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("cam: error: " )
+    assert message.format(root=files) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_states_the_preprocessing(capsys):
+    assert cli.main(["explain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "raw 0-255" in text and "rescale inside the model" in text
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert cli.main(["explain", "m.keras", "x.png", "--window", "two"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'two'" in err
