@@ -1,0 +1,143 @@
+"""Ground-truth grain masks: segmented from POLEN23E photos, or read from the synthetic set.
+
+POLEN23E has no masks, but every photo shows one grain on a light, nearly uniform slide
+background, so a classical segmentation is enough for the localisation metrics
+(:func:`cam.metrics.pointing_game`, :func:`cam.metrics.energy_in_mask`):
+:func:`grain_masks` thresholds each pixel's colour distance from the background (Otsu),
+closes the grain's outline, fills it, and keeps the largest component. The synthetic stand-in
+was drawn with exact masks (:mod:`cam.synthetic`); :func:`synthetic_masks` reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+#: Defaults of :func:`grain_masks`, in pixels of a 224-px image (scaled with the image size).
+BLUR_SIGMA, CLOSE_RADIUS, OPEN_RADIUS = 2.0, 5, 3
+MASK_KINDS = ("grain", "feature")
+
+
+def _disc(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def background_distance(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Euclidean distance in CIELAB between each (blurred) pixel and the background colour,
+    the median of the image's border pixels; float32 (H, W)."""
+    rgb = np.asarray(image)
+    if rgb.dtype != np.uint8:
+        rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    lab = cv2.cvtColor(cv2.GaussianBlur(rgb, (0, 0), sigma), cv2.COLOR_RGB2LAB).astype(np.float32)
+    border = np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])
+    return np.linalg.norm(lab - np.median(border, axis=0), axis=-1)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region not connected to the image border filled in."""
+    m = np.pad(mask.astype(np.uint8), 1)
+    flood = m.copy()
+    cv2.floodFill(flood, np.zeros((m.shape[0] + 2, m.shape[1] + 2), np.uint8), (0, 0), 1)
+    return (m | (1 - flood)).astype(bool)[1:-1, 1:-1]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean mask (all False if there is none)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros(mask.shape, bool)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def grain_mask(image, blur_sigma: float | None = None, close_radius: int | None = None,
+               open_radius: int | None = None, convex: bool = True) -> np.ndarray:
+    """Boolean (H, W) mask of the grain in one RGB microscope image (values 0-255).
+
+    1. colour distance from the background (:func:`background_distance`) after a Gaussian
+       blur of ``blur_sigma``;
+    2. Otsu's threshold on it (OpenCV);
+    3. closing with a disc of ``close_radius`` (joins a transparent grain's dark rim), hole
+       filling (the grain's interior), opening with a disc of ``open_radius`` (drops specks);
+    4. the largest connected component, holes filled again;
+    5. with ``convex=True``, its convex hull: pollen grains are nearly convex, and the hull
+       restores the parts of a pale grain whose faint rim the threshold broke.
+
+    Radii and sigma default to the module constants for 224 px, scaled with the image side.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be one (H, W, 3) RGB image, got shape {image.shape}")
+    scale = min(image.shape[:2]) / 224
+    sigma = blur_sigma if blur_sigma is not None else max(0.5, BLUR_SIGMA * scale)
+    close = close_radius if close_radius is not None else max(1, round(CLOSE_RADIUS * scale))
+    opened = open_radius if open_radius is not None else max(1, round(OPEN_RADIUS * scale))
+    distance = background_distance(image, sigma)
+    scaled = cv2.normalize(distance, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    _, binary = cv2.threshold(scaled, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, _disc(close))
+    binary = fill_holes(binary).astype(np.uint8)
+    binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, _disc(opened))
+    mask = fill_holes(largest_component(binary))
+    if convex and mask.any():
+        points = cv2.findNonZero(mask.astype(np.uint8))
+        hull = np.zeros(mask.shape, np.uint8)
+        cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+        mask = hull.astype(bool)
+    return mask
+
+
+def grain_masks(images, progress: bool = False, **kwargs) -> np.ndarray:
+    """:func:`grain_mask` of every image of a (N, H, W, 3) batch, bool (N, H, W)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be a (N, H, W, 3) RGB batch, got shape {images.shape}")
+    from tqdm.auto import tqdm
+
+    return np.stack([grain_mask(im, **kwargs) for im in
+                     tqdm(images, desc="segmenting grains", disable=not progress, leave=False)]
+                    ).reshape(images.shape[:3])
+
+
+def synthetic_mask_path(root: str | Path, file: str, kind: str = "grain") -> Path:
+    """Where :func:`cam.synthetic.write_dataset` put the ``kind`` mask of image ``file``
+    (``<class>/<stem>.png`` -> ``masks/<stem>_<kind>.png``)."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    return Path(root) / "masks" / f"{Path(file).stem}_{kind}.png"
+
+
+def synthetic_masks(root: str | Path, files, size: int, kind: str = "grain") -> np.ndarray:
+    """The exact masks of synthetic images ``files`` (paths relative to ``root``, as in the
+    fold table), resized to ``size`` like the images (:func:`cam.data.load_images`; the
+    synthetic images are square, so only resized) with area interpolation and a 50%
+    threshold; bool (N, size, size)."""
+    files = list(files)
+    out = np.empty((len(files), size, size), bool)
+    for i, file in enumerate(files):
+        path = synthetic_mask_path(root, file, kind)
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise FileNotFoundError(f"no {kind} mask for {file}: {path} is missing or unreadable "
+                                    f"(masks are written by cam.synthetic.write_dataset)")
+        if mask.shape[0] != mask.shape[1]:
+            raise ValueError(f"{path} is {mask.shape[1]}x{mask.shape[0]}; synthetic masks are square")
+        interpolation = cv2.INTER_AREA if mask.shape[0] > size else cv2.INTER_LINEAR
+        out[i] = cv2.resize(mask, (size, size), interpolation=interpolation) >= 128
+    return out
+
+
+def outlined(images, masks, color=(255, 0, 0), thickness: int | None = None) -> np.ndarray:
+    """Copies of RGB ``images`` (N, H, W, 3) with each mask's outer outline drawn in ``color``,
+    uint8; ``thickness`` defaults to 1 px per 112 px of image side. For checking masks by eye."""
+    images = np.clip(np.rint(np.asarray(images)), 0, 255).astype(np.uint8)
+    masks = np.asarray(masks, dtype=bool)
+    if masks.shape != images.shape[:3]:
+        raise ValueError(f"masks must be (N, H, W) = {images.shape[:3]}, got {masks.shape}")
+    thickness = thickness or max(1, images.shape[1] // 112)
+    out = images.copy()
+    for image, mask in zip(out, masks):
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(image, contours, -1, color, thickness)
+    return out
