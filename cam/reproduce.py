@@ -35,7 +35,8 @@ STUDY = {
                   "epochs": 15},
 }
 #: Caps shared by the later notebooks in CI: a few images, one timed call, small samples.
-SMALL_COST = {"max_images": 4, "repeats": 1, "budget_s": 1.0, "sample_masks": 8}
+SMALL_COST = {"max_images": 4, "repeats": 1, "budget_s": 1.0, "sample_masks": 8,
+              "steps": 4, "sanity_images": 2}
 #: CI parameters: the synthetic stand-in at 64 px with a small CNN trained on the spot, and
 #: one held-out POLEN23E image per class with the committed checkpoint.
 SMALL = {
