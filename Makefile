@@ -31,7 +31,7 @@ test: $(STAMP)
 	@if [ -n "$(POLEN23E_DIR)" ]; then \
 	  $(PY) -m cam.reproduce polen23e --small --prepare-only --out $(CI_NB)/polen23e; \
 	else echo "POLEN23E_DIR is not set: the POLEN23E notebook runs are left out"; fi
-	$(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env -p no:cacheprovider
+	$(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15
 
 ## Rerun the study on POLEN23E: every notebook, figures and tables into results/polen23e
 reproduce: $(STAMP)
