@@ -51,6 +51,20 @@ def random_images(shape, n: int = 2, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((n, *shape)).astype(np.float32)
 
 
+def raw(explainer, images, **kwargs) -> np.ndarray:
+    """The map before ReLU/normalisation, on the target layer's grid."""
+    return explainer(images, normalize=False, upsample=False, **kwargs)
+
+
+def assert_rel_close(actual, expected, rtol=1e-4):
+    """max |actual - expected| <= rtol * max |expected| (a relative error on the map's scale)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = max(np.abs(expected).max(), 1e-12)
+    err = np.abs(actual - expected).max() / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol} (scale {scale:.3g})"
+
+
 def randomize_batchnorm(model: keras.Model, seed: int = 0) -> None:
     """Give every BatchNormalization non-trivial gamma, beta and moving statistics, so that a
     BN layer run in training mode (batch statistics) would visibly differ from inference."""

@@ -14,6 +14,7 @@ from keras import layers as L
 
 import cam
 from cam.explainers import TRUNK_BATCH
+from conftest import assert_rel_close, raw
 
 METHODS = {
     "gradcam": cam.GradCAM,
@@ -26,18 +27,6 @@ PROPERTY = settings(max_examples=10, deadline=None, derandomize=False,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-def raw(explainer, images, **kwargs) -> np.ndarray:
-    """The map before ReLU/normalisation, on the target layer's grid."""
-    return explainer(images, normalize=False, upsample=False, **kwargs)
-
-
-def assert_rel_close(actual, expected, rtol=1e-4):
-    """max |actual - expected| <= rtol * max |expected| (a relative error on the map's scale)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(np.abs(expected).max(), 1e-12)
-    err = np.abs(actual - expected).max() / scale
-    assert err <= rtol, f"relative error {err:.3g} > {rtol} (scale {scale:.3g})"
 
 
 def activation_of(model, layer, images) -> np.ndarray:

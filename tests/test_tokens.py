@@ -12,20 +12,12 @@ from keras import layers as L
 import cam
 from cam.graph import Split, TokenGrid
 from cam.vit import build_vit
+from conftest import assert_rel_close, raw
 
 METHODS = {"gradcam": cam.GradCAM, "ablationcam": cam.AblationCAM,
            "fastablationcam": cam.FastAblationCAM}
 
 
-def raw(explainer, images, **kwargs) -> np.ndarray:
-    return explainer(images, normalize=False, upsample=False, **kwargs)
-
-
-def assert_rel_close(actual, expected, rtol=1e-4):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(np.abs(expected).max(), 1e-12)
-    assert np.abs(actual - expected).max() <= rtol * scale
 
 
 def tiny_vit(class_token: bool, channels: int = 3) -> keras.Model:
