@@ -159,8 +159,8 @@ class SpeedStudy:
     images: np.ndarray
     repeats: int = 3
     batch_size: int = 64
-    budget_s: float = 30.0
-    sample_masks: int = 64
+    budget_s: float = 15.0
+    sample_masks: int = 32
     progress: bool = True
     rows: list = field(default_factory=list)
 
@@ -247,7 +247,10 @@ class SpeedStudy:
         evaluations = explainer.evaluations_per_image
         row["evaluations/image"] = evaluations
         masks = explainer.masks(explainer.split.target_shape)
-        batches = math.ceil(evaluations / size)
+        # Masks actually pushed per image: mask_batches pads the last batch to the batch size,
+        # and uses one batch of exactly `evaluations` masks when they fit in one.
+        per_batch = min(size, evaluations)
+        slots = math.ceil(evaluations / per_batch) * per_batch
         # Time a sample of masks on one image to decide between a complete run and extrapolation.
         n_sample = min(len(masks), min(16, self.sample_masks) if mode == "per-mask"
                        else max(size, self.sample_masks // size * size))
@@ -261,7 +264,7 @@ class SpeedStudy:
         with PeakMemory() as memory:
             sample_ms = median_ms(time_sample, 1)
             per_mask = sample_ms / (len(sample_batches) * len(sample_batches[0]))
-            estimate_s = per_mask * batches * size * len(self.images) * (self.repeats + 1) / 1000
+            estimate_s = per_mask * slots * len(self.images) * (self.repeats + 1) / 1000
             if estimate_s <= self.budget_s:
                 ms = median_ms(lambda: explainer(self.images), self.repeats) / len(self.images)
                 measured = "all"
@@ -270,7 +273,7 @@ class SpeedStudy:
                 if sample_ms * self.repeats < 10_000:
                     sample_ms = median_ms(time_sample, self.repeats)
                     per_mask = sample_ms / (len(sample_batches) * len(sample_batches[0]))
-                ms = self.forward_ms + per_mask * batches * size
+                ms = self.forward_ms + per_mask * slots
                 measured = (f"extrapolated: {len(sample)} of {evaluations} masks timed on 1 "
                             f"image (a complete run: ~{estimate_s:.0f} s)")
         notes = {"head": "trunk once per image; ablated batches through the head only",
@@ -337,7 +340,8 @@ class SpeedStudy:
 
     def run(self, layers, windows=(1, 2, 3), peer: bool = True) -> pd.DataFrame:
         """Forward pass, then per layer: Grad-CAM (head, full), Ablation-CAM and
-        FastAblationCAM at each window in the three modes, and the peer rows."""
+        FastAblationCAM at each window in the three modes, and the peer rows; then the forward
+        pass again (see :meth:`settle_forward`)."""
         self.forward()
         for layer in layers:
             for mode in ("head", "full"):
@@ -353,7 +357,23 @@ class SpeedStudy:
                     self.ablation("FastAblationCAM", layer, mode, window=window)
             if peer:
                 self.peer(layer)
+        self.settle_forward()
         return self.table()
+
+    def settle_forward(self) -> None:
+        """Time the forward pass again and keep the faster of the two as the yardstick.
+
+        The first timing runs on a cold process (allocator, thread pools, caches) and can read
+        tens of percent slow; every ratio is recomputed against the settled value."""
+        first = self.rows[0]
+        again = self.forward()
+        self.rows.pop()
+        if again["ms/image"] < first["ms/image"]:
+            first.update({k: again[k] for k in ("ms/image", "notes", "peak MB", "GPU peak MB")})
+        first["notes"] += "; faster of two timings (start and end of the study)"
+        self.forward_ms = first["ms/image"]
+        for row in self.rows:
+            row["x forward"] = row["ms/image"] / self.forward_ms
 
     def batch_sweep(self, layer: str, batch_sizes=(1, 4, 16, 64, 256)) -> pd.DataFrame:
         """Head-only Ablation-CAM and FastAblationCAM (window 1) at each batch size."""

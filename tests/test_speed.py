@@ -109,3 +109,28 @@ def test_bad_arguments_are_named(dense_concat_model):
         study.ablation("Ablation-CAM", "relu1", "fast")
     with pytest.raises(ValueError, match="method must be"):
         study.ablation("ScoreCAM", "relu1", "head")
+
+
+def test_extrapolation_counts_the_masks_actually_run(dense_concat_model, monkeypatch):
+    """25 masks in one batch of 25 (batch size 64): a row costs the trunk pass plus 25 mask
+    evaluations, not a padded 64. Every timing is stubbed to 100 ms to make that exact."""
+    monkeypatch.setattr(speed, "median_ms", lambda fn, repeats: (fn(), 100.0)[1])
+    images = random_images(dense_concat_model.input_shape[1:], n=2)
+    study = speed.SpeedStudy(dense_concat_model, images, repeats=1, batch_size=64, budget_s=0,
+                             progress=False)
+    study.forward()
+    assert study.forward_ms == 50.0  # 100 ms per call of 2 images
+    row = study.ablation("FastAblationCAM", "relu1", "full")
+    assert row["evaluations/image"] == 25 and row["measured"].startswith("extrapolated: 25 of 25")
+    assert row["ms/image"] == 50.0 + 100.0  # trunk + 25 masks at 100/25 ms each
+
+
+def test_forward_is_settled_at_the_end(dense_concat_model, monkeypatch):
+    timings = iter([400.0, 400.0] + [100.0] * 200)  # a slow first forward timing, then fast
+    monkeypatch.setattr(speed, "median_ms", lambda fn, repeats: (fn(), next(timings))[1])
+    images = random_images(dense_concat_model.input_shape[1:], n=2)
+    study = speed.SpeedStudy(dense_concat_model, images, repeats=1, progress=False)
+    table = study.run(["relu1"], windows=(1,), peer=False)
+    assert table.loc[0, "ms/image"] == 50.0 and study.forward_ms == 50.0
+    assert np.allclose(table["x forward"], table["ms/image"] / 50.0)
+    assert (table["method"] == "forward pass").sum() == 1
