@@ -46,7 +46,7 @@ DENSENET_LAYERS = ("relu", "conv4_block32_concat", "conv3_block12_concat")
 #: Ablation execution modes, in table order.
 MODES = ("head", "full", "per-mask")
 COLUMNS = ["layer", "grid", "method", "mode", "batch size", "evaluations/image", "ms/image",
-           "x forward", "peak MB", "GPU peak MB", "measured", "notes"]
+           "x forward", "peak MB", "peak +MB", "GPU peak MB", "measured", "notes"]
 
 
 # -- machine and memory --------------------------------------------------------------------
@@ -97,7 +97,7 @@ class PeakMemory:
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.peak_mb = _rss_mb()
+        self.peak_mb = self.start_mb = _rss_mb()
         if self._gpu:
             tf.config.experimental.reset_memory_stats(self._gpu)
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -182,6 +182,8 @@ class SpeedStudy:
     def _add(self, row: dict, memory: "PeakMemory | None" = None) -> dict:
         if memory is not None:
             row["peak MB"], row["GPU peak MB"] = memory.peak_mb, memory.gpu_peak_mb
+            # What the row itself added: RSS also holds what earlier rows left allocated.
+            row["peak +MB"] = memory.peak_mb - memory.start_mb
         row.setdefault("x forward", row["ms/image"] / self.forward_ms if self.forward_ms else 1.0)
         self.rows.append(row)
         self._log(f"{row['method']:<24} {row.get('mode', ''):<9} {row.get('layer', ''):<22} "
@@ -369,7 +371,8 @@ class SpeedStudy:
         again = self.forward()
         self.rows.pop()
         if again["ms/image"] < first["ms/image"]:
-            first.update({k: again[k] for k in ("ms/image", "notes", "peak MB", "GPU peak MB")})
+            first.update({k: again[k] for k in ("ms/image", "notes", "peak MB", "peak +MB",
+                                                "GPU peak MB")})
         first["notes"] += "; faster of two timings (start and end of the study)"
         self.forward_ms = first["ms/image"]
         for row in self.rows:
