@@ -80,6 +80,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def study_checkpoint(dataset: str, fold: int = 0, architecture: str | None = None
+                     ) -> tuple[str, Path]:
+    """(stem, directory) of the checkpoint the notebooks share for ``dataset``: the committed
+    DenseNet-169 in ``models/`` for POLEN23E, else the small CNN that notebook 02 trains into
+    ``data/models/`` (``architecture`` overrides the default of each)."""
+    architecture = architecture or ("densenet169" if dataset == "polen23e" else "small_cnn")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, "
+                         f"got {architecture!r}")
+    directory = paths.MODELS_DIR if dataset == "polen23e" else paths.DATA_DIR / "models"
+    return f"{architecture.replace('_', '-')}-{dataset}-fold{fold}", directory
+
+
 def checkpoint_paths(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.MODELS_DIR):
     """(weights file, metadata JSON) of a checkpoint."""
     directory = Path(directory)

@@ -33,3 +33,19 @@ def polen23e_dir() -> Path | None:
     if POLEN23E_DEFAULT_DIR.is_dir():
         return POLEN23E_DEFAULT_DIR
     return None
+
+
+class Results:
+    """Where a notebook writes: ``figures/`` and ``tables/`` under ``output_dir`` (by default
+    ``results/<dataset>``), created on construction; tables go out as CSV and Markdown."""
+
+    def __init__(self, dataset: str, output_dir: str | Path = ""):
+        self.root = Path(output_dir) if output_dir else RESULTS_DIR / dataset
+        self.figures, self.tables = self.root / "figures", self.root / "tables"
+        self.figures.mkdir(parents=True, exist_ok=True)
+        self.tables.mkdir(parents=True, exist_ok=True)
+
+    def save_table(self, frame, name: str) -> None:
+        """``frame`` (a pandas DataFrame) as ``tables/<name>.csv`` and ``tables/<name>.md``."""
+        frame.to_csv(self.tables / f"{name}.csv")
+        (self.tables / f"{name}.md").write_text(frame.to_markdown() + "\n")

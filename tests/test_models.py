@@ -99,3 +99,15 @@ def test_committed_checkpoint_replays_its_recorded_predictions():
     # the sample is held-out images only
     folds = data.read_fold_table().set_index("file")
     assert (folds.loc[sample["files"], "fold"] == record["held_out_fold"]).all()
+
+
+def test_study_checkpoint_names_the_shared_checkpoints():
+    from cam import models
+
+    assert models.study_checkpoint("polen23e") == (CHECKPOINT_STEM, paths.MODELS_DIR)
+    assert models.study_checkpoint("synthetic", 2) == ("small-cnn-synthetic-fold2",
+                                                       paths.DATA_DIR / "models")
+    assert models.study_checkpoint("synthetic", 0, "densenet169")[0] == \
+        "densenet169-synthetic-fold0"
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        models.study_checkpoint("synthetic", 0, "resnet")
