@@ -15,9 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from . import synthetic
+
 #: Defaults of :func:`grain_masks`, in pixels of a 224-px image (scaled with the image size).
 BLUR_SIGMA, CLOSE_RADIUS, OPEN_RADIUS = 2.0, 5, 3
-MASK_KINDS = ("grain", "feature")
 
 
 def _disc(radius: int) -> np.ndarray:
@@ -103,9 +104,7 @@ def grain_masks(images, progress: bool = False, **kwargs) -> np.ndarray:
 def synthetic_mask_path(root: str | Path, file: str, kind: str = "grain") -> Path:
     """Where :func:`cam.synthetic.write_dataset` put the ``kind`` mask of image ``file``
     (``<class>/<stem>.png`` -> ``masks/<stem>_<kind>.png``)."""
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
-    return Path(root) / "masks" / f"{Path(file).stem}_{kind}.png"
+    return Path(root) / synthetic.mask_file(file, kind)
 
 
 def synthetic_masks(root: str | Path, files, size: int, kind: str = "grain") -> np.ndarray:

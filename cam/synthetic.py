@@ -454,6 +454,18 @@ def make_dataset(n_per_class: int, size: int = 128, seed: int = 0
     return images, labels, grain, feature
 
 
+#: The masks written beside every synthetic image.
+MASK_KINDS = ("grain", "feature")
+
+
+def mask_file(file: str, kind: str = "grain") -> str:
+    """Where :func:`write_dataset` puts the ``kind`` mask of image ``file``, both relative to
+    the dataset root: ``<class>/<stem>.png`` -> ``masks/<stem>_<kind>.png``."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    return f"masks/{Path(file).stem}_{kind}.png"
+
+
 def write_dataset(root: str | Path, n_per_class: int, size: int = 224, seed: int = 0):
     """Write a synthetic dataset to disk in the POLEN23E one-folder-per-class layout.
 
@@ -511,8 +523,7 @@ def write_dataset(root: str | Path, n_per_class: int, size: int = 224, seed: int
     for i, s in _iter_samples(n_per_class, size, seed):
         stem = f"{s.class_name}_{i:0{digits}d}"
         file = f"{s.class_name}/{stem}.png"
-        grain = f"masks/{stem}_grain.png"
-        feature = f"masks/{stem}_feature.png"
+        grain, feature = (mask_file(file, kind) for kind in MASK_KINDS)
         _write(root / file, cv2.cvtColor(s.image, cv2.COLOR_RGB2BGR))
         _write(root / grain, s.grain_mask.astype(np.uint8) * 255)
         _write(root / feature, s.feature_mask.astype(np.uint8) * 255)
