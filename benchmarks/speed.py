@@ -6,7 +6,7 @@
 
 DenseNet-169 at 224x224: the committed POLEN23E checkpoint when present (else random weights,
 said in the output), on held-out POLEN23E images when $POLEN23E_DIR is set (else random
-pixels with a fixed seed). Prints the machine, the table (cam.speed.SpeedStudy) and the
+pixels with a fixed seed). Prints the machine, the table (cam.study.speed.SpeedStudy) and the
 head-only speed-ups as Markdown. Nothing is asserted: this is a measurement, not a test.
 """
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import cam  # noqa: E402
-from cam import data, models, paths, speed  # noqa: E402
+from cam.study import data, models, paths, speed  # noqa: E402
 
 IMAGE_SIZE, SEED = 224, 0
 

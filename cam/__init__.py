@@ -1,38 +1,60 @@
-"""cam: Grad-CAM, Ablation-CAM and FastAblationCAM for Keras 3 image classifiers.
+"""cam: class activation maps for Keras 3 image classifiers.
 
     import cam
     explainer = cam.FastAblationCAM(model, layer="relu")
     maps = explainer(images)            # (B, H, W) float32 in [0, 1]
+    result = explainer.explain(images)  # maps, raw maps, targets and scores together
     cam.candidate_layers(model)         # which layers can be explained
     print(cam.layer_table(model))       # the same as a table: index, name, shape, head-only
     cam.GradCAM(vit, "block1_norm1")    # ViT token layers (batch, tokens, D) work too
 
 From a shell: ``python -m cam layers MODEL.keras``, ``python -m cam explain MODEL.keras IMG``.
 
-The explainers import TensorFlow, which takes seconds; they are loaded on first use so that
-``python -m cam.download`` and the data tools start at once.
+Names are loaded on first use: ``import cam`` does not import Keras or its backend, so the
+command line answers ``--help`` and argument errors at once.
 """
 
 import importlib
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+#: Every method, registered here and nowhere else: the command-line name -> its class in
+#: :mod:`cam.methods`. The command line, :func:`cam.explain` and ``__all__`` follow from it.
+METHODS = {
+    "gradcam": "GradCAM",
+    "ablationcam": "AblationCAM",
+    "fastablationcam": "FastAblationCAM",
+    "gradcamplusplus": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+}
+
+
+
+def method_key(method: str) -> str:
+    """The registry key of a method name: ``"Grad-CAM"``, ``"grad_cam"`` -> ``"gradcam"``,
+    ``"Grad-CAM++"`` -> ``"gradcamplusplus"``."""
+    key = method.lower().replace("+", "plus").replace("-", "").replace("_", "")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return key
+
 
 _EXPORTS = {
-    "AblationCAM": "explainers",
+    **{name: "methods" for name in METHODS.values()},
     "Explainer": "explainers",
-    "FastAblationCAM": "explainers",
-    "GradCAM": "explainers",
+    "Explanation": "explainers",
+    "GradientExplainer": "explainers",
+    "AblationExplainer": "explainers",
     "explain": "explainers",
+    "method_class": "explainers",
     "Quantile": "maps",
     "Split": "graph",
     "TokenGrid": "graph",
-    "build_vit": "vit",
     "candidate_layers": "graph",
     "layer_table": "graph",
 }
-__all__ = sorted(_EXPORTS)
-__version__ = "0.1.0"
+__all__ = sorted([*_EXPORTS, "METHODS", "method_key"])
+__version__ = "0.2.0"
 
 
 def __getattr__(name):

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import METHODS, method_key
+
 PREPROCESSING = (
     "Images are decoded to RGB (any format Pillow reads), converted to gray for a one-channel "
     "model, and resized to the model's input size (a non-square image is first padded to a "
@@ -71,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                     "--layer, the output shape, the grid the map is on, and whether the "
                     "ablation methods can rerun only the part of the model after the layer.")
     layers.add_argument("model", help="a Keras model saved as .keras")
+    layers.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help=IMPORT_HELP)
 
     explain = commands.add_parser(
         "explain", help="write saliency maps of images",
@@ -80,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("model", help="a Keras model saved as .keras")
     explain.add_argument("images", nargs="+", help="image files")
     explain.add_argument("--method", default="fastablationcam",
-                         help="gradcam, ablationcam or fastablationcam (default)")
+                         help=f"one of {', '.join(METHODS)} (default fastablationcam)")
     explain.add_argument("--layer", default=None,
                          help="layer name, or index from `python -m cam layers` "
                               "(default: the candidate nearest the output)")
@@ -88,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="class index to explain (default: each image's predicted class)")
     explain.add_argument("--score", default="logit", choices=("logit", "probability"),
                          help="explain the logit (default) or the softmax probability")
-    explain.add_argument("--window", type=int, default=1,
-                         help="FastAblationCAM window in grid cells (default 1)")
+    explain.add_argument("--window", type=int, default=None,
+                         help="window in grid cells, for the methods that take one "
+                              "(FastAblationCAM; default 1)")
     explain.add_argument("--threshold", default="0",
                          help="level replacing ReLU's 0 when normalising the map: a number on "
                               "the raw map's scale, or qQ for the Q quantile of each map, "
@@ -98,10 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--classes", default=None,
                          help="class names, comma-separated, to print with the indices")
     explain.add_argument("--out", default="cam-maps", help="output folder (default cam-maps)")
+    explain.add_argument("--import", dest="imports", action="append", default=[],
+                         metavar="MODULE", help=IMPORT_HELP)
     return parser
 
 
-METHOD_NAMES = ("gradcam", "ablationcam", "fastablationcam")  # cam.explainers.METHODS
+IMPORT_HELP = ("a Python module to import before loading the model, for models with custom "
+               "layers registered with keras.saving.register_keras_serializable (repeatable)")
 
 
 def _check_model_path(path: str) -> Path:
@@ -114,13 +122,18 @@ def _check_model_path(path: str) -> Path:
     return model_path
 
 
-def _load_model(path: str):
+def _load_model(path: str, imports=()):
     model_path = _check_model_path(path)
     _import_tensorflow()
+    import importlib
+
     import keras
 
-    from . import vit  # noqa: F401  registers the ViT layers so saved ViTs load
-
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"--import {module}: cannot import it ({err})") from err
     try:
         return keras.saving.load_model(model_path, compile=False)
     except Exception as err:  # Keras raises many types for a bad archive; name the file
@@ -130,7 +143,7 @@ def _load_model(path: str):
 def _read_image(path: str, height: int, width: int, channels: int):
     import cv2
 
-    from .data import read_rgb, square_resize
+    from .images import read_rgb, square_resize
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"image file {path!r} does not exist")
@@ -148,28 +161,40 @@ def _read_image(path: str, height: int, width: int, channels: int):
 
 
 def _layers(args) -> int:
-    import pandas as pd
-
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.imports)
     from .graph import layer_table
 
-    table = layer_table(model)
-    with pd.option_context("display.max_rows", None, "display.width", 200,
-                           "display.max_colwidth", 60):
-        print(table.to_string())
+    print(layer_table(model))
     return 0
 
 
-def _explain(args) -> int:
+def _save_overlay(path: Path, image, saliency, alpha: float, threshold: float) -> None:
+    """The map over the image as a PNG, coloured with OpenCV's jet colour map (no matplotlib
+    needed), drawn at least 256 pixels on its short side so a small model input stays legible."""
+    import cv2
     import numpy as np
 
     from . import maps as M
-    from . import plot
+
+    base = M.as_display(image)
+    colours = cv2.applyColorMap(np.uint8(np.clip(saliency, 0, 1) * 255), cv2.COLORMAP_JET)
+    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    picture = np.uint8(np.round(M.blend(base, saliency, colours, alpha, threshold) * 255))
+    scale = max(1, -(-256 // min(picture.shape[:2])))
+    if scale > 1:
+        picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+
+
+def _explain(args) -> int:
+    import inspect
+
+    import numpy as np
+
+    from . import maps as M
 
     # Everything that can be checked without TensorFlow is checked before its slow import.
-    key = args.method.lower().replace("-", "").replace("_", "")
-    if key not in METHOD_NAMES:
-        raise ValueError(f"unknown method {args.method!r}; choose one of {METHOD_NAMES}")
+    key = method_key(args.method)
     threshold = M.as_threshold(args.threshold)
     if not 0 <= args.alpha <= 1:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -179,10 +204,17 @@ def _explain(args) -> int:
             raise FileNotFoundError(f"image file {path!r} does not exist")
     classes = args.classes.split(",") if args.classes else None
     _import_tensorflow()
-    from .explainers import METHODS, _method_key
+    from .explainers import method_class
 
-    method = METHODS[_method_key(args.method)]
-    model = _load_model(args.model)
+    method = method_class(key)
+    options = {"window": args.window} if args.window is not None else {}
+    accepted = inspect.signature(method).parameters
+    for name in options:
+        if name not in accepted:
+            takes = [k for k in METHODS if name in inspect.signature(method_class(k)).parameters]
+            raise ValueError(f"--{name} does not apply to {key}; it is an option of "
+                             f"{', '.join(takes)}")
+    model = _load_model(args.model, args.imports)
     shape = model.input_shape
     if isinstance(shape, list) or len(shape) != 4 or None in shape[1:]:
         raise ValueError(f"the model's input shape is {shape}; the command line needs a fixed "
@@ -191,31 +223,26 @@ def _explain(args) -> int:
     images = np.stack([_read_image(p, height, width, channels) for p in args.images])
     layer = int(args.layer) if args.layer is not None and args.layer.lstrip("-").isdigit() \
         else args.layer
-    kwargs = {"window": args.window} if method.__name__ == "FastAblationCAM" else {}
-    explainer = method(model, layer, score=args.score, **kwargs)
-    raw = explainer(images.astype(np.float32), targets=args.target, upsample=False,
-                    normalize=False)
+    explainer = method(model, layer, score=args.score, **options)
+    result = explainer.explain(images.astype(np.float32), targets=args.target, upsample=False,
+                               normalize=False)
+    raw = result.raw
     maps = M.upsample_maps(M.normalize_maps(raw, threshold), (height, width))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    predicted = explainer.last_scores.argmax(axis=1)
     stems = [Path(p).stem for p in args.images]
-    tag = _method_key(args.method)
+
+    def named(k):
+        return f"{k} ({classes[k]})" if classes and k < len(classes) else str(k)
+
     for i, path in enumerate(args.images):
         stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
-        target = int(explainer.last_targets[i])
-
-        def named(k):
-            return f"{k} ({classes[k]})" if classes and k < len(classes) else str(k)
-
-        title = f"{explainer.name} · target {named(target)}"
-        plot.show_overlay(images[i], maps[i], title=title, alpha=args.alpha,
-                          threshold=1e-6 if threshold != 0 else 0.0,
-                          save=out / f"{stem}-{tag}.png")
-        plot.plt.close("all")
-        np.save(out / f"{stem}-{tag}.npy", raw[i])
-        score = explainer.last_scores[i, predicted[i]]
-        print(f"{path}: predicted class {named(int(predicted[i]))} ({args.score} "
+        target, predicted = int(result.targets[i]), int(result.predicted[i])
+        _save_overlay(out / f"{stem}-{key}.png", images[i], maps[i], args.alpha,
+                      1e-6 if threshold != 0 else 0.0)
+        np.save(out / f"{stem}-{key}.npy", raw[i])
+        score = result.scores[i, predicted]
+        print(f"{path}: predicted class {named(predicted)} ({args.score} "
               f"{score:.3g}); explained class {named(target)} with {explainer.name} at layer "
               f"{explainer.layer!r} on a {raw.shape[1]}x{raw.shape[2]} grid")
     print(f"wrote {len(args.images)} overlays (.png) and raw maps (.npy) to {out}")

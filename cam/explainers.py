@@ -1,9 +1,19 @@
-"""Grad-CAM, Ablation-CAM and FastAblationCAM for Keras 3 models (TensorFlow backend).
+"""The explainer template: what every CAM method shares, and the two kinds of method.
 
 Every explainer is called the same way::
 
     explainer = cam.FastAblationCAM(model, layer="relu")
     maps = explainer(images, targets=None, upsample=True, normalize=True)
+    result = explainer.explain(images)  # an Explanation: maps, raw maps, targets, scores
+
+A method is a short class in :mod:`cam.methods` on one of two templates, registered once in
+``cam.METHODS`` (which the command line, :func:`explain` and ``cam.__all__`` read):
+
+* :class:`GradientExplainer`: implement :meth:`~GradientExplainer.channel_weights`, which turns
+  the target activation A and the gradient dy/dA into weights; the map is sum_k w_k A_k.
+* :class:`AblationExplainer`: implement :meth:`~AblationExplainer.masks` (which cells or
+  channels each ablation sets to ``ablation_value``) and :meth:`~AblationExplainer.combine`
+  (how the ablated scores become a map).
 
 The model is split once at the target layer (:class:`cam.graph.Split`). The trunk runs once
 per image; Grad-CAM back-propagates through the head only, and the ablation methods push
@@ -19,7 +29,7 @@ Token layers (batch, tokens, C) of a Vision Transformer are explained on their p
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -122,7 +132,7 @@ class Explainer:
 
     def __call__(self, images, targets=None, upsample: bool = True,
                  normalize: bool = True, threshold=0.0) -> np.ndarray:
-        """Class activation maps for a batch of images.
+        """Class activation maps for a batch of images: ``self.explain(...).maps``.
 
         Parameters
         ----------
@@ -136,8 +146,8 @@ class Explainer:
             region it covers); False returns (B, h, w) maps on the target layer's grid.
         normalize : bool
             True applies ReLU (or ``threshold``) and divides each map by its maximum (an
-            all-zero map stays zeros). False returns the raw map: the weighted channel sum before ReLU for
-            Grad-CAM and Ablation-CAM, the score drop y - y_ablated per cell for
+            all-zero map stays zeros). False returns the raw map: the weighted channel sum
+            before ReLU for Grad-CAM and Ablation-CAM, the score drop y - y_ablated per cell for
             FastAblationCAM.
         threshold : float, str or cam.maps.Quantile
             With ``normalize``, the level that replaces ReLU's 0: values at or below it become
@@ -149,6 +159,12 @@ class Explainer:
         -------
         float32 numpy array, (B, H, W) or (B, h, w).
         """
+        return self.explain(images, targets, upsample, normalize, threshold).maps
+
+    def explain(self, images, targets=None, upsample: bool = True, normalize: bool = True,
+                threshold=0.0) -> "Explanation":
+        """The maps (as :meth:`__call__` returns them) together with the raw maps on the layer's
+        grid, the class explained per image and the model's scores: an :class:`Explanation`."""
         images = self._check_images(images)
         if isinstance(targets, np.ndarray) and targets.ndim == 0:
             targets = targets.item()
@@ -171,28 +187,61 @@ class Explainer:
             chunk_targets = targets if targets is None or np.ndim(targets) == 0 \
                 else targets[start:start + TRUNK_BATCH]
             chunk_targets = self._check_targets(chunk_targets, scores)
-            chunks.append(self._raw_maps(batch, activation, bypass, chunk_targets,
-                                         scores[np.arange(len(batch)), chunk_targets]))
+            chunks.append(self.raw_maps(batch, activation, bypass, chunk_targets,
+                                        scores[np.arange(len(batch)), chunk_targets]))
             all_targets.append(chunk_targets)
             all_scores.append(scores)
-        self.last_targets = np.concatenate(all_targets)
-        self.last_scores = np.concatenate(all_scores)
         raw = np.concatenate(chunks).astype(np.float32)
         out = M.normalize_maps(raw, threshold) if normalize else raw
-        return M.upsample_maps(out, images.shape[1:3]) if upsample else out
+        maps = M.upsample_maps(out, images.shape[1:3]) if upsample else out
+        return Explanation(maps=maps, raw=raw, targets=np.concatenate(all_targets),
+                           scores=np.concatenate(all_scores), method=self.name, layer=self.layer)
 
-    def _raw_maps(self, images, activation, bypass, targets, scores) -> np.ndarray:
+    def raw_maps(self, images, activation, bypass, targets, scores) -> np.ndarray:
+        """The method: (B, h, w) raw maps for a batch, given the trunk's target ``activation``
+        (B, h, w, C) and ``bypass`` tensors, the ``targets`` (B,) and their scores (B,).
+        The two templates below implement it; a new kind of method overrides it."""
         raise NotImplementedError
 
 
-class GradCAM(Explainer):
-    """Grad-CAM (Selvaraju et al., ICCV 2017): channels weighted by their mean gradient."""
+@dataclass(frozen=True)
+class Explanation:
+    """What one :meth:`Explainer.explain` call computed.
 
-    name = "Grad-CAM"
+    ``maps``: as requested (normalised and/or upsampled); ``raw``: (B, h, w) before ReLU and
+    normalisation, on the layer's grid; ``targets``: (B,) the class explained per image;
+    ``scores``: (B, classes) the model's scores (logits or probabilities, per ``score``).
+    """
+
+    maps: np.ndarray
+    raw: np.ndarray
+    targets: np.ndarray
+    scores: np.ndarray
+    method: str
+    layer: str
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(B,) the class with the highest score per image."""
+        return self.scores.argmax(axis=1)
+
+
+class GradientExplainer(Explainer):
+    """Template of the gradient methods: one backward pass per image batch, through the head
+    only (``mode="head"``) or the whole network (``mode="full"``).
+
+    A method implements :meth:`channel_weights`; the map is sum_k w_k A_k over the channels.
+    """
 
     def __init__(self, model, layer=None, score="logit", mode="head", reshape=None):
         super().__init__(model, layer, score, mode, reshape)
         self._gradients = tf.function(self._gradients_eager, reduce_retracing=True)
+
+    def channel_weights(self, activation: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """The hook: weights from the target activation A (B, h, w, C) and the gradient of
+        each image's class score dy/dA (same shape). Return (B, C) channel weights, or
+        (B, h, w, C) for a weight per cell and channel."""
+        raise NotImplementedError
 
     def _gradients_eager(self, images, activation, bypass, targets):
         with tf.GradientTape() as tape:
@@ -213,15 +262,21 @@ class GradCAM(Explainer):
             y = tf.gather(scores, targets, batch_dims=1)
         return watched, tape.gradient(y, watched)
 
-    def _raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, targets, scores):
         watched, grads = self._gradients(tf.constant(images), activation, bypass,
                                          tf.constant(targets))
-        weights = M.gradcam_weights(grads.numpy())
-        return M.weighted_channel_sum(watched.numpy(), weights)
+        watched = watched.numpy()
+        return M.weighted_channel_sum(watched, self.channel_weights(watched, grads.numpy()))
 
 
-class _AblationExplainer(Explainer):
-    """Scores fixed-size batches of ablated activations in one compiled function."""
+class AblationExplainer(Explainer):
+    """Template of the ablation methods: fixed-size batches of ablated activations scored
+    through the head only (``mode="head"``) or the whole network (``mode="full"``), in one
+    compiled function.
+
+    A method implements :meth:`masks` (what each ablation sets to ``ablation_value``) and
+    :meth:`combine` (how the ablated scores become a map).
+    """
 
     def __init__(self, model, layer=None, score="logit", batch_size=64, ablation_value=0.0,
                  mode="head", reshape=None):
@@ -253,7 +308,14 @@ class _AblationExplainer(Explainer):
         return self.split.full(images, replace=lambda t: self._ablate(t, mask))[:, target]
 
     def masks(self, grid_shape: tuple) -> np.ndarray:
-        """Boolean masks, one per ablation, broadcastable against (h, w, C)."""
+        """The hook: boolean masks (N, h|1, w|1, C|1), one per ablation, broadcastable
+        against the target's (h, w, C) grid; True cells are set to ``ablation_value``."""
+        raise NotImplementedError
+
+    def combine(self, activation: np.ndarray, scores: np.ndarray, ablated: np.ndarray,
+                masks: np.ndarray) -> np.ndarray:
+        """The hook: (B, h, w) raw maps from the activation (B, h, w, C), the unablated
+        scores y (B,), the ablated scores (B, N) and the N :meth:`masks`."""
         raise NotImplementedError
 
     @property
@@ -295,7 +357,7 @@ class _AblationExplainer(Explainer):
         scores = tf.concat(out, 0).numpy()  # one device-to-host copy per image
         return scores if count is None else scores[:count]
 
-    def _raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, targets, scores):
         masks = self.masks(tuple(activation.shape[1:]))
         batches = self.mask_batches(masks)
         ablated = []
@@ -304,87 +366,19 @@ class _AblationExplainer(Explainer):
             ablated.append(self.ablated_scores(
                 tf.constant(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
                 targets[i], batches)[:len(masks)])
-        return self._combine(activation.numpy(), scores, np.stack(ablated), masks)
-
-    def _combine(self, activation, scores, ablated, masks):
-        raise NotImplementedError
-
-
-class AblationCAM(_AblationExplainer):
-    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
-
-    Each channel k of the target layer is set to ``ablation_value`` in turn; its weight is the
-    relative drop of the class score, w_k = (y - y_k) / y, and the map is sum_k w_k A_k.
-    C evaluations of the head per image.
-    """
-
-    name = "Ablation-CAM"
-
-    def masks(self, grid_shape):
-        channels = grid_shape[-1]
-        return np.eye(channels, dtype=bool)[:, None, None, :]
-
-    def _combine(self, activation, scores, ablated, masks):
-        weights = M.ablation_weights(scores, ablated)
-        return M.weighted_channel_sum(activation, weights)
-
-
-class FastAblationCAM(_AblationExplainer):
-    """FastAblationCAM: ablate every channel in one window of the grid at a time.
-
-    All channels in a ``window`` x ``window`` block of cells are set to ``ablation_value``;
-    blocks step by ``stride`` (default ``window``), the last block in each direction is shifted
-    back to end at the edge, and each cell gets the mean score drop y - y_ablated of the blocks
-    that cover it. That drop is the map itself (no channel weighting). About
-    (h / stride) * (w / stride) evaluations of the head per image instead of C. On a token
-    layer (a ViT) a cell is a patch token, so ``window=1`` ablates one token at a time.
-    """
-
-    name = "FastAblationCAM"
-
-    def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=64,
-                 ablation_value=0.0, mode="head", reshape=None):
-        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape)
-        h, w = self.split.target_shape[:2]
-        for name, value in (("window", window), ("stride", stride)):
-            if (value is not None or name == "window") and \
-                    (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        grid = [d for d in (h, w) if d is not None]
-        if grid and window > min(grid):
-            raise ValueError(f"window {window} is larger than layer {self.layer!r}'s "
-                             f"{h}x{w} grid; use 1..{min(grid)}")
-        stride = window if stride is None else stride
-        if not 1 <= stride <= window:
-            raise ValueError(f"stride must be between 1 and window ({window}) so that every "
-                             f"cell is ablated at least once, got {stride}")
-        self.window, self.stride = int(window), int(stride)
-
-    def masks(self, grid_shape):
-        h, w = grid_shape[:2]
-        if self.window > min(h, w):
-            raise ValueError(f"window {self.window} is larger than the {h}x{w} grid of layer "
-                             f"{self.layer!r} for these images")
-        return M.window_masks((h, w), self.window, self.stride)[..., None]
-
-    def _combine(self, activation, scores, ablated, masks):
-        return M.spread_window_drops(scores[:, None] - ablated, masks[..., 0])
+        return self.combine(activation.numpy(), scores, np.stack(ablated), masks)
 
 
 def explain(method: str, model, images, **kwargs) -> np.ndarray:
     """Shortcut: ``explain("gradcam", model, images, layer=..., targets=...)``."""
     call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize", "threshold")
                  if k in kwargs}
-    return METHODS[_method_key(method)](model, **kwargs)(images, **call_args)
+    return method_class(method)(model, **kwargs)(images, **call_args)
 
 
-METHODS = {"gradcam": GradCAM, "ablationcam": AblationCAM, "fastablationcam": FastAblationCAM}
+def method_class(method: str) -> type:
+    """The explainer class registered in ``cam.METHODS`` under ``method`` (any spelling that
+    :func:`cam.method_key` accepts)."""
+    from . import METHODS, method_key, methods
 
-
-def _method_key(method: str) -> str:
-    key = method.lower().replace("-", "").replace("_", "")
-    if key not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    return key
+    return getattr(methods, METHODS[method_key(method)])

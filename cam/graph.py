@@ -13,9 +13,10 @@ layer of a bigger model is reachable by name. Splitting at a target tensor T giv
 computed without T. Ablations change T only, so the trunk runs once per image and only the
 head runs per ablation, with the bypass broadcast across the ablation batch.
 
-This walks Keras' functional graph (``Functional._nodes_by_depth``, ``Node.arguments``), the
-same structure ``keras.Model.__call__`` executes, so it needs a functional or Sequential model;
-a subclassed model can only be a leaf call, not split inside.
+This walks Keras' functional graph, the same structure ``keras.Model.__call__`` executes, so it
+needs a functional or Sequential model; a subclassed model can only be a leaf call, not split
+inside. Keras has no public API for that graph: every private access goes through
+:mod:`cam.keras_internals`, which fails loudly on a Keras version it does not know.
 
 Token layers (a Vision Transformer's (batch, tokens, channels) outputs) are explained on their
 patch grid: :class:`TokenGrid` says which tokens form the (h, w) grid and which ones (a class
@@ -33,11 +34,8 @@ import keras
 import numpy as np
 from keras import tree
 
-try:  # the graph structure is internal to Keras; fail loudly if it moves
-    from keras.src.models.functional import Functional
-except ImportError as err:  # pragma: no cover
-    raise ImportError(f"cam needs Keras 3's functional graph (keras.src.models.functional); "
-                      f"Keras {keras.__version__} does not have it") from err
+from .keras_internals import (activation_swapped, call_takes_training, fill_in_arguments,
+                              functional_graph, graph_nodes)
 
 Key = tuple  # (call path, id of the KerasTensor in its own graph)
 
@@ -47,33 +45,31 @@ class Call:
     """One call of a leaf layer (or op) in the flattened graph."""
 
     operation: Any
-    arguments: Any  # keras SymbolicArguments of the node
-    arg_keys: list  # keys of arguments.keras_tensors, in order
+    arguments: Any  # the node's recorded call arguments (see keras_internals.fill_in_arguments)
+    arg_tensors: list  # the KerasTensors the call reads, in order
+    arg_keys: list  # keys of arg_tensors, in order
     out_keys: list
     name: str  # qualified name: "outer/inner" for layers inside nested models
     out_specs: list  # KerasTensors of the outputs (shape, dtype)
+    #: whether the operation's call takes ``training`` (Dropout, BatchNormalization, ...)
+    takes_training: bool = field(init=False)
+
+    def __post_init__(self):
+        self.takes_training = call_takes_training(self.operation)
 
     def run(self, values: dict, operation: Any = None) -> None:
         """Call the layer on concrete tensors from ``values`` and store its outputs there."""
-        local = {id(t): values[k] for t, k in zip(self.arguments.keras_tensors, self.arg_keys)}
-        args, kwargs = self.arguments.fill_in(local)
+        local = {id(t): values[k] for t, k in zip(self.arg_tensors, self.arg_keys)}
+        args, kwargs = fill_in_arguments(self.arguments, local)
         op = operation or self.operation
         # Explanations are of the deployed model: Dropout off, BatchNorm on moving statistics
         # (an explicit training=True in the model, e.g. Monte-Carlo dropout, is overridden too).
-        if getattr(op, "_call_has_training_arg", False):
+        # An override (_PreActivation) runs its layer without ``training``.
+        if operation is None and self.takes_training:
             kwargs["training"] = False
         outputs = tree.flatten(op(*args, **kwargs))
         for key, value in zip(self.out_keys, outputs):
             values[key] = value
-
-
-def _graph_of(model) -> Functional | None:
-    """The functional graph behind a model, or None for a leaf (a layer, a subclassed model)."""
-    if isinstance(model, keras.Sequential):
-        return getattr(model, "_functional", None)
-    if isinstance(model, Functional):
-        return model
-    return None
 
 
 @dataclass
@@ -92,7 +88,7 @@ class LayerGraph:
 
     @classmethod
     def from_model(cls, model: keras.Model) -> "LayerGraph":
-        graph = _graph_of(model)
+        graph = functional_graph(model)
         if graph is None:
             raise TypeError(
                 f"{type(model).__name__} {getattr(model, 'name', '')!r} is not a functional or "
@@ -107,7 +103,7 @@ class LayerGraph:
         self.output_keys = self._expand(graph, self.input_keys, (), "", alias)
         return self
 
-    def _expand(self, graph: Functional, input_keys: list, path: tuple, prefix: str,
+    def _expand(self, graph, input_keys: list, path: tuple, prefix: str,
                 alias: dict) -> list:
         def key(tensor) -> Key:
             k = (path, id(tensor))
@@ -117,28 +113,25 @@ class LayerGraph:
             if (path, id(tensor)) != outer:
                 alias[(path, id(tensor))] = outer
             self.specs[outer] = tensor
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                op = node.operation
-                if op is None or node.is_input:
-                    continue
-                arg_keys = [key(t) for t in node.input_tensors]
-                name = f"{prefix}{op.name}"
-                inner = _graph_of(op)
-                if inner is not None:
-                    calls_so_far = len(self.layer_outputs.get(name, []))
-                    inner_out = self._expand(inner, arg_keys, path + ((op.name, calls_so_far),),
-                                             name + "/", alias)
-                    for tensor, k in zip(node.outputs, inner_out):
-                        alias[(path, id(tensor))] = k
-                    out_keys = inner_out
-                else:
-                    out_keys = [key(t) for t in node.outputs]
-                    self.calls.append(Call(op, node.arguments, arg_keys, out_keys, name,
-                                           list(node.outputs)))
-                for tensor, k in zip(node.outputs, out_keys):
-                    self.specs[k] = tensor
-                self.layer_outputs.setdefault(name, []).append(out_keys)
+        for node in graph_nodes(graph):  # topological order
+            op = node.operation
+            arg_keys = [key(t) for t in node.inputs]
+            name = f"{prefix}{op.name}"
+            inner = functional_graph(op)
+            if inner is not None:
+                calls_so_far = len(self.layer_outputs.get(name, []))
+                inner_out = self._expand(inner, arg_keys, path + ((op.name, calls_so_far),),
+                                         name + "/", alias)
+                for tensor, k in zip(node.outputs, inner_out):
+                    alias[(path, id(tensor))] = k
+                out_keys = inner_out
+            else:
+                out_keys = [key(t) for t in node.outputs]
+                self.calls.append(Call(op, node.arguments, list(node.inputs), arg_keys,
+                                       out_keys, name, list(node.outputs)))
+            for tensor, k in zip(node.outputs, out_keys):
+                self.specs[k] = tensor
+            self.layer_outputs.setdefault(name, []).append(out_keys)
         return [key(t) for t in graph.outputs]
 
     # -- layer lookup ---------------------------------------------------------------------
@@ -330,14 +323,9 @@ class _PreActivation:
 
     def __call__(self, *args, **kwargs):
         kwargs.pop("training", None)
-        saved = self.layer.activation
-        try:
-            # Keras layers read ``self.activation`` inside ``call``; swapping it for the
-            # duration of one call leaves no trace on the user's model.
-            object.__setattr__(self.layer, "activation", keras.activations.linear)
+        # Swapped for the duration of one call, which leaves no trace on the user's model.
+        with activation_swapped(self.layer, keras.activations.linear):
             return self.layer(*args, **kwargs)
-        finally:
-            object.__setattr__(self.layer, "activation", saved)
 
 
 def output_activation(call: Call) -> str | None:
@@ -415,11 +403,11 @@ class Split:
         if output not in depends:
             raise ValueError(f"the model output does not depend on layer {self.layer!r}")
         # Calls after the output that the output does not need (none in practice) are dropped.
-        self.head_calls = _needed(self.head_calls, {output})
+        self.head_calls = needed_calls(self.head_calls, {output})
         self.bypass = list(dict.fromkeys(
             k for c in self.head_calls for k in c.arg_keys if k not in depends))
         trunk_ids = {id(c) for c in self.head_calls}
-        self.trunk_calls = _needed([c for c in graph.calls if id(c) not in trunk_ids],
+        self.trunk_calls = needed_calls([c for c in graph.calls if id(c) not in trunk_ids],
                                    {self.target, *self.bypass})
         shape = tuple(graph.specs[self.target].shape[1:])
         #: How a token layer's (tokens, C) output lays out on its grid; None for (h, w, C).
@@ -482,8 +470,11 @@ def _as_float32(scores):
     return keras.ops.cast(scores, "float32")
 
 
-def _needed(calls: list[Call], wanted: set) -> list[Call]:
-    """The calls (kept in order) needed to compute the keys in ``wanted``."""
+def needed_calls(calls: list[Call], wanted: set) -> list[Call]:
+    """The calls of ``calls`` (kept in order) needed to compute the keys in ``wanted``: those
+    that produce a wanted key, and recursively those that produce what they read. Keys that
+    no call in ``calls`` produces (the graph's inputs, or tensors given from outside such as
+    the target and bypass of a :class:`Split`'s head) are taken as given."""
     wanted = set(wanted)
     kept = []
     for call in reversed(calls):
@@ -505,22 +496,59 @@ def candidate_layers(model: keras.Model) -> list[tuple[str, tuple]]:
     return LayerGraph.from_model(model).candidates()
 
 
-def layer_table(model: keras.Model, score: str = "logit"):
+class LayerTable(list):
+    """The rows of :func:`layer_table`: a list of dicts with the keys in :attr:`columns`.
+
+    ``str(table)`` is an aligned plain-text table (what ``cam layers`` prints), the candidate
+    index as an unlabeled left column; :meth:`to_frame` is the same as a pandas DataFrame
+    (pandas is imported only there: the library does not need it).
+    """
+
+    #: The keys of every row, in column order ("index" is the ``layer=<int>`` to pass).
+    columns = ("index", "layer", "output shape", "grid", "head-only", "head layers", "note")
+
+    def to_frame(self):
+        """The table as a pandas DataFrame indexed by the candidate index (named "index")."""
+        import pandas as pd
+
+        data = [{k: row[k] for k in self.columns[1:]} for row in self]
+        return pd.DataFrame(data, columns=list(self.columns[1:]),
+                            index=pd.Index([row["index"] for row in self], name="index"))
+
+    def __str__(self) -> str:
+        # Numbers and flags right-aligned, text left-aligned, two spaces between columns.
+        names = self.columns[1:]
+        cells = [[str(row["index"])] + [str(row[k]) for k in names] for row in self]
+        header = [""] + list(names)
+        widths = [max(len(r[i]) for r in [header] + cells) for i in range(len(header))]
+        right = [True] + [k in ("head-only", "head layers") for k in names]
+
+        def line(values):
+            return "  ".join(v.rjust(w) if r else v.ljust(w)
+                             for v, w, r in zip(values, widths, right)).rstrip()
+
+        return "\n".join([line(header)] + [line(c) for c in cells])
+
+    def __repr__(self) -> str:
+        return self.__str__()
+
+
+def layer_table(model: keras.Model, score: str = "logit") -> LayerTable:
     """The candidate layers as a table: which ``layer=`` to pass, and what it costs.
 
-    Returns a pandas DataFrame indexed by the candidate index (``layer=<int>``), with the
-    layer name, output shape, the grid the map is on (``8x8``; ``8x8 +1 token`` for a class
-    token carried past the cut), ``head-only`` (True when the model splits at the layer so the
-    ablation methods rerun only the head; False with the reason in ``note`` otherwise) and
-    ``head layers`` (how many layer calls each ablation reruns, out of the model's total).
+    Returns a :class:`LayerTable`, one row dict per candidate (``print`` it for an aligned
+    table, ``.to_frame()`` for a pandas DataFrame indexed by the candidate index): the
+    ``index`` (``layer=<int>``), the ``layer`` name, ``output shape``, the ``grid`` the map is
+    on (``8x8``; ``8x8 +1 token`` for a class token carried past the cut), ``head-only``
+    (True when the model splits at the layer so the ablation methods rerun only the head;
+    False with the reason in ``note`` otherwise) and ``head layers`` (how many layer calls
+    each ablation reruns, out of the model's total).
     """
-    import pandas as pd
-
     graph = LayerGraph.from_model(model)
-    rows = []
+    rows = LayerTable()
     for index, (name, shape) in enumerate(graph.candidates()):
-        row = {"layer": name, "output shape": shape, "grid": "", "head-only": False,
-               "head layers": "", "note": ""}
+        row = {"index": index, "layer": name, "output shape": shape, "grid": "",
+               "head-only": False, "head layers": "", "note": ""}
         try:
             split = Split(model, name, score, graph=graph)
         except ValueError as err:
@@ -532,5 +560,4 @@ def layer_table(model: keras.Model, score: str = "logit"):
             row["head-only"] = True
             row["head layers"] = f"{len(split.head_calls)}/{len(graph.calls)}"
         rows.append(row)
-    columns = ["layer", "output shape", "grid", "head-only", "head layers", "note"]
-    return pd.DataFrame(rows, columns=columns).rename_axis("index")
+    return rows

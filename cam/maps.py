@@ -16,13 +16,58 @@ SCORE_EPS = 1e-6
 
 
 def weighted_channel_sum(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """sum_k w_k A_k: (B, h, w, C) activations and (B, C) weights -> (B, h, w) maps."""
-    return np.einsum("bhwc,bc->bhw", activations, weights)
+    """sum_k w_k A_k: (B, h, w, C) activations and (B, C) weights -> (B, h, w) maps.
+
+    ``weights`` may also be (B, h, w, C), a weight per cell and channel (LayerCAM, HiResCAM):
+    the map is then sum_k w_ij^k A_ij^k, cell by cell.
+    """
+    weights = np.asarray(weights)
+    if weights.ndim == 2:
+        return np.einsum("bhwc,bc->bhw", activations, weights)
+    if weights.shape == np.shape(activations):
+        return np.einsum("bhwc,bhwc->bhw", activations, weights)
+    raise ValueError(f"weights must be (B, C) or the activations' shape {np.shape(activations)}, "
+                     f"got {weights.shape}")
 
 
 def gradcam_weights(gradients: np.ndarray) -> np.ndarray:
     """Grad-CAM channel weights: the gradients averaged over the grid, (B, h, w, C) -> (B, C)."""
     return gradients.mean(axis=(1, 2))
+
+
+def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ channel weights (Chattopadhay et al., WACV 2018, eq. 19), (B, C).
+
+    With g = dy/dA and the exponential score of the paper's Sec. 3.3, the higher derivatives
+    are powers of g and the coefficients have the closed form
+    alpha_ij^k = g_ij^2 / (2 g_ij^2 + sum_ab A_ab^k g_ij^3) (alpha = 0 where the denominator
+    is 0); the weights are w_k = sum_ij alpha_ij^k relu(g_ij^k). Activations and gradients are
+    (B, h, w, C).
+    """
+    a = np.asarray(activations, np.float64)
+    g = np.asarray(gradients, np.float64)
+    g2 = g * g
+    denominator = 2 * g2 + a.sum(axis=(1, 2), keepdims=True) * g2 * g
+    alpha = np.divide(g2, denominator, out=np.zeros_like(g2), where=denominator != 0)
+    return (alpha * np.maximum(g, 0)).sum(axis=(1, 2)).astype(np.float32)
+
+
+def xgradcam_weights(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """XGrad-CAM channel weights (Fu et al., BMVC 2020, eq. 14), (B, C): the gradients averaged
+    over the grid weighted by the activation, w_k = sum_ij (A_ij^k / sum_ab A_ab^k) g_ij^k
+    (0 for a channel whose activations sum to 0)."""
+    a = np.asarray(activations, np.float64)
+    g = np.asarray(gradients, np.float64)
+    total = a.sum(axis=(1, 2))
+    weighted = (a * g).sum(axis=(1, 2))
+    return np.divide(weighted, total, out=np.zeros_like(total),
+                     where=total != 0).astype(np.float32)
+
+
+def layercam_weights(gradients: np.ndarray) -> np.ndarray:
+    """LayerCAM weights (Jiang et al., IEEE TIP 2021, eq. 5): one per cell and channel, the
+    positive part of the gradient relu(g_ij^k), (B, h, w, C) -> (B, h, w, C)."""
+    return np.maximum(gradients, 0)
 
 
 def ablation_weights(score: np.ndarray, ablated: np.ndarray, eps: float = SCORE_EPS) -> np.ndarray:
@@ -144,3 +189,37 @@ def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         resized = cv2.resize(stack, (width, height), interpolation=cv2.INTER_LINEAR)
         out[start:start + 128] = resized.reshape(height, width, -1).transpose(2, 0, 1)
     return out
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def as_display(image: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) float image in [0, 1] from uint8 / [0, 255] / [0, 1] / one-channel input."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    lo, hi = float(image.min()), float(image.max())
+    if hi > 1.0:
+        image = image / 255.0 if lo >= 0 and hi <= 255 else (image - lo) / max(hi - lo, 1e-12)
+    return np.clip(image, 0, 1)
+
+
+def blend(image: np.ndarray, saliency: np.ndarray, colours: np.ndarray, alpha: float = 0.5,
+          threshold: float = 0.0) -> np.ndarray:
+    """``colours`` (H, W, 3) in [0, 1] (a colour map applied to the (H, W) ``saliency`` in
+    [0, 1]) laid over the display ``image`` (H, W, 3) in [0, 1] with opacity ``alpha``.
+
+    With ``threshold`` > 0 the opacity ramps from 0 at the threshold to ``alpha`` at 1, so
+    cells at or below it stay uncoloured.
+    """
+    if alpha < 0 or alpha > 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    weight = np.clip((saliency - threshold) / max(1 - threshold, 1e-6), 0, 1) if threshold > 0 \
+        else np.ones_like(saliency)
+    weight = (alpha * weight)[..., None]
+    return (1 - weight) * image + weight * colours

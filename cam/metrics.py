@@ -3,24 +3,23 @@
 * agreement: :func:`spearman`, :func:`top_mask`, :func:`top_iou`;
 * faithfulness: :func:`average_drop`, :func:`increase_in_confidence` (Chattopadhyay et al.
   2018, Grad-CAM++), :func:`perturbation_curves` and :func:`auc` (deletion and insertion,
-  Petsiuk et al. 2018, RISE);
+  Petsiuk et al. 2018, RISE); :func:`road` with :func:`road_curves`, :func:`road_auc` and
+  :func:`noisy_linear_impute` (ROAD, Rong et al. 2022);
 * localisation against a ground-truth mask: :func:`pointing_game`, :func:`energy_in_mask`;
 * the model-randomisation sanity check: :func:`randomisation_check` (Adebayo et al. 2018);
 * :func:`bootstrap_ci` for the mean of any per-image metric.
 
-Pure numpy/scipy functions over batches of maps (B, H, W), except the two that run a model;
+Pure numpy/scipy functions over batches of maps (B, H, W), except those that run a model;
 tests/test_metrics.py checks them against values worked out by hand.
 """
 
 from __future__ import annotations
 
-import re
-
 import cv2
 import numpy as np
-from scipy.integrate import trapezoid
-from scipy.stats import bootstrap, spearmanr
 from tqdm.auto import tqdm
+
+from ._optional import require
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -32,11 +31,12 @@ def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 def spearman(a, b) -> np.ndarray:
     """Spearman rank correlation of each pair of maps, (B,); NaN where a map is constant."""
+    stats = require("scipy.stats", "cam.metrics.spearman")
     a, b = _pair(a, b)
     out = np.full(len(a), np.nan)
     for i, (x, y) in enumerate(zip(a, b)):
         if np.ptp(x) > 0 and np.ptp(y) > 0:
-            out[i] = spearmanr(x, y).statistic
+            out[i] = stats.spearmanr(x, y).statistic
     return out
 
 
@@ -266,7 +266,292 @@ def auc(curves) -> np.ndarray:
     curves = np.asarray(curves, dtype=np.float64)
     if curves.ndim != 2 or curves.shape[1] < 2:
         raise ValueError(f"curves must be (N, K) with K >= 2 points each, got shape {curves.shape}")
-    return trapezoid(curves, dx=1.0 / (curves.shape[1] - 1), axis=1)
+    integrate = require("scipy.integrate", "cam.metrics.auc")
+    return integrate.trapezoid(curves, dx=1.0 / (curves.shape[1] - 1), axis=1)
+
+
+# --------------------------------------------------------------------------- ROAD
+#
+# RemOve And Debias (Rong, Leemann, Borisov, Kasneci and Kasneci, "A Consistent and Efficient
+# Evaluation Strategy for Attribution Methods", ICML 2022). Deletion curves that set pixels to
+# black let the model see *where* pixels were removed: the mask's shape alone moves the score
+# (what the paper calls class information leakage). ROAD instead fills the removed pixels by
+# Noisy Linear Imputation, which hides the mask's shape and, unlike ROAR, needs no retraining.
+
+ROAD_ORDERS = ("morf", "lerf")
+#: The removal fractions 10%, 20%, ..., 90% (the defaults of pytorch-grad-cam's ROAD metrics).
+ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Default noise of :func:`noisy_linear_impute`, a fraction of each image's value range.
+ROAD_NOISE = 0.01
+#: The 8-neighbourhood stencil of the reference implementation (tleemann/road_evaluation,
+#: ``road/imputations.py``): weight 1/6 for the 4 direct neighbours and 1/12 for the 4
+#: diagonal ones, here times 12 (2 and 1) so that the coefficients are exact integers;
+#: scaling an equation does not change its solution.
+ROAD_STENCIL = (((-1, 0), 2.0), ((1, 0), 2.0), ((0, -1), 2.0), ((0, 1), 2.0),
+                ((-1, -1), 1.0), ((-1, 1), 1.0), ((1, -1), 1.0), ((1, 1), 1.0))
+
+
+def _linear_impute(image: np.ndarray, removed: np.ndarray, sparse, linalg) -> np.ndarray:
+    """The linear part of :func:`noisy_linear_impute` for one image (H, W, C) float64:
+    the solution (n_removed, C) for the removed pixels in raster order."""
+    h, w = removed.shape
+    unknown = np.flatnonzero(removed)
+    n = unknown.size
+    variable = np.full(h * w, -1, dtype=np.int64)
+    variable[unknown] = np.arange(n)
+    r, c = np.divmod(unknown, w)
+    flat = image.reshape(h * w, -1)
+    diagonal = np.zeros(n)
+    rhs = np.zeros((n, flat.shape[1]))
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], []
+    for (dr, dc), weight in ROAD_STENCIL:
+        rr, cc = r + dr, c + dc
+        inside = np.flatnonzero((rr >= 0) & (rr < h) & (cc >= 0) & (cc < w))
+        neighbour = rr[inside] * w + cc[inside]
+        diagonal[inside] += weight  # the weights of the neighbours that exist: renormalised
+        is_unknown = variable[neighbour] >= 0
+        rows.append(inside[is_unknown])
+        cols.append(variable[neighbour[is_unknown]])
+        vals.append(np.full(int(is_unknown.sum()), -weight))
+        # each equation appears at most once per offset, so the fancy += does not collide
+        rhs[inside[~is_unknown]] += weight * flat[neighbour[~is_unknown]]
+    a = sparse.csc_matrix((np.concatenate([diagonal] + vals),
+                           (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    return np.asarray(linalg.spsolve(a, rhs)).reshape(n, flat.shape[1])
+
+
+def noisy_linear_impute(images, removed, noise: float = ROAD_NOISE, seed=0,
+                        value_range=None) -> np.ndarray:
+    """ROAD's Noisy Linear Imputation (Rong et al. 2022) of the removed pixels.
+
+    Every removed pixel x_p becomes the weighted mean of its 8 neighbours,
+
+        x_p = sum_q w_pq x_q / sum_q w_pq,   q over the neighbours of p inside the image,
+
+    with w = 1/6 for the 4 direct neighbours and 1/12 for the 4 diagonal ones (the reference
+    implementation's weights; see ``ROAD_STENCIL``). Kept neighbours enter as known constants,
+    removed ones as unknowns, so the removed pixels of an image form one sparse linear system,
+    solved with ``scipy.sparse.linalg.spsolve`` with the C channels as C right-hand sides. At the
+    image border the weights are renormalised over the neighbours that exist (dividing by
+    ``sum_q w_pq``), as the reference does. The stencil is symmetric, so an image that is an
+    affine function of (row, column) is reproduced exactly in a removed region away from the
+    border; by the discrete maximum principle the imputed values lie within the kept values'
+    range.
+
+    Noise: Gaussian, independent per removed pixel and channel, standard deviation
+    ``noise * range``, added to the imputed pixels only (kept pixels are returned bit for bit).
+    ``range`` is ``value_range`` if given, else the image's own value range ``max - min`` over
+    all its pixels and channels (the whole input image, so the noise does not change with the
+    fraction removed). The reference adds noise of a fixed absolute 0.01 to ImageNet-standardised
+    tensors; this repository's models take raw pixels, others [0, 1] or standardised ones, so a
+    fraction of the range is the scale-free equivalent: imputing ``a * x + b`` (a > 0) gives
+    exactly ``a`` times the imputation of ``x`` plus ``b``, noise included. The default 0.01 is
+    1% of the range (2.55 grey levels on a full-range 8-bit image), about 4.4 times the
+    reference's noise (0.01 of a channel's standard deviation of about 0.225, i.e. 0.00225 of
+    the [0, 1] range); pass ``noise=0.00225`` to match it. A constant image gets no noise.
+    Results are not clipped to the valid pixel range (neither does the reference).
+
+    A removed region without a kept pixel among its neighbours would leave the system
+    singular. A maximal 8-connected group of removed pixels borders a kept pixel unless it is
+    the whole image, so this happens exactly when every pixel of an image is removed: that
+    raises a ValueError (there is nothing to impute from). An image with nothing removed is
+    returned unchanged, without noise.
+
+    Parameters
+    ----------
+    images : array (N, H, W, C)
+    removed : bool array (N, H, W)
+        True where a pixel is removed and imputed.
+    noise : float >= 0
+        Noise standard deviation as a fraction of the value range; 0: plain linear imputation.
+    seed : int, None or anything ``numpy.random.default_rng`` takes
+        The noise of image 0, then image 1, ... is drawn in turn from one generator, per image
+        as (removed pixels in raster order, channels).
+    value_range : None or float > 0
+        The range the noise is relative to (e.g. 255 for all images); None: each image's own.
+
+    Returns
+    -------
+    array (N, H, W, C), float32 for float32 and 8/16-bit integer images, float64 for float64.
+    """
+    images = np.asarray(images)
+    removed = np.asarray(removed)
+    if images.ndim != 4:
+        raise ValueError(f"images must be a (N, H, W, C) batch, got shape {images.shape}")
+    if removed.shape != images.shape[:3]:
+        raise ValueError(f"removed must be a (N, H, W) = {images.shape[:3]} mask matching the "
+                         f"images, got shape {removed.shape}")
+    if removed.dtype != bool:
+        raise TypeError(f"removed must be boolean, got dtype {removed.dtype}")
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if value_range is not None and not (np.isfinite(value_range) and value_range > 0):
+        raise ValueError(f"value_range must be None or a finite number > 0, got {value_range!r}")
+    n, h, w, c = images.shape
+    full = removed.reshape(n, -1).all(axis=1) if h * w else np.zeros(n, bool)
+    if full.any():
+        raise ValueError(f"image {int(np.argmax(full))} has every pixel removed: noisy linear "
+                         f"imputation needs at least one kept pixel to impute from")
+    sparse = require("scipy.sparse", "cam.metrics.noisy_linear_impute")
+    linalg = require("scipy.sparse.linalg", "cam.metrics.noisy_linear_impute")
+    out = images.astype(np.result_type(images.dtype, np.float32), copy=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        if not removed[i].any():
+            continue
+        image = images[i].astype(np.float64)
+        values = _linear_impute(image, removed[i], sparse, linalg)
+        if noise > 0:
+            scale = noise * (float(np.ptp(image)) if value_range is None else float(value_range))
+            values = values + scale * rng.standard_normal(values.shape)
+        out[i][removed[i]] = values
+    return out
+
+
+def _road_arguments(images, maps, fractions, order, batch_size, seed):
+    if order not in ROAD_ORDERS:
+        raise ValueError(f"order must be one of {ROAD_ORDERS} (most / least relevant first), "
+                         f"got {order!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):
+        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+    fractions = _road_fractions(fractions)
+    images, maps = _images_and_maps(images, maps)
+    pixels = images.shape[1] * images.shape[2]
+    counts = np.rint(fractions * pixels).astype(np.int64)
+    if (counts >= pixels).any():
+        f = fractions[np.argmax(counts >= pixels)]
+        raise ValueError(f"fraction {f:g} removes all {pixels} pixels of these "
+                         f"{images.shape[1]}x{images.shape[2]} images, leaving nothing to impute "
+                         f"from; use smaller fractions or larger images")
+    return images, maps, fractions, counts
+
+
+def _road_fractions(fractions) -> np.ndarray:
+    try:
+        f = np.asarray(fractions, dtype=np.float64)
+    except (TypeError, ValueError):
+        f = None
+    if (f is None or f.ndim != 1 or f.size == 0 or not np.isfinite(f).all()
+            or (f <= 0).any() or (f >= 1).any() or (np.diff(f) <= 0).any()):
+        raise ValueError(f"fractions must be a non-empty sequence of numbers strictly increasing "
+                         f"within (0, 1), e.g. {ROAD_FRACTIONS}, got {fractions!r}")
+    return f
+
+
+def road_curves(predict, images, maps, targets=None, fractions=ROAD_FRACTIONS,
+                order: str = "morf", noise: float = ROAD_NOISE, seed: int | None = 0,
+                batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """ROAD curves (Rong et al. 2022): the target's probability as ever more pixels are
+    removed and filled by :func:`noisy_linear_impute`.
+
+    For each fraction f, the ``round(f * H * W)`` most relevant pixels (``order="morf"``,
+    most relevant first) or least relevant pixels (``"lerf"``) of each map are removed from the
+    *original* image and imputed; the model is run on the result. Ties are removed in raster
+    order in both orders (a stable sort, as :func:`perturbation_order`). MoRF: a faithful map
+    makes the curve fall fast (lower area is better); LeRF: it keeps the curve high (higher area
+    is better). All (image, fraction) pairs are imputed and pushed through ``predict`` in
+    batches of ``batch_size``.
+
+    Parameters
+    ----------
+    predict : callable
+        images (B, H, W, C) float32 -> class probabilities (B, classes).
+    images : array (N, H, W, C)
+        Raw pixels as the model takes them.
+    maps : array (N, H, W)
+        Saliency maps at image resolution (only their order matters).
+    targets : None, int or (N,) ints
+        Class whose probability is traced; None: each image's predicted class.
+    fractions : sequence of floats
+        Strictly increasing, in (0, 1); default 0.1, 0.2, ..., 0.9 as in the paper. A fraction
+        that would remove every pixel is refused (nothing would be left to impute from).
+    order : "morf" or "lerf"
+    noise : float
+        :func:`noisy_linear_impute`'s noise, a fraction of each image's value range.
+    seed : None or int >= 0
+        The noise of image i at fraction k is drawn from ``default_rng([seed, i, k])``, so the
+        curves do not depend on ``batch_size``; None: not reproducible.
+    progress : bool
+        Show a tqdm bar over the batches.
+
+    Returns
+    -------
+    float64 array (N, len(fractions) + 1): the target's probability at fraction 0 (the
+    unperturbed image) and after each fraction. :func:`road_auc` gives the areas.
+    """
+    images, maps, fractions, counts = _road_arguments(images, maps, fractions, order,
+                                                      batch_size, seed)
+    n, h, w, c = images.shape
+    if targets is None:
+        targets = predict_batches(predict, images, batch_size).argmax(axis=1)
+    targets = np.broadcast_to(np.asarray(targets), (n,))
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be None, an int or {n} ints, got {targets!r}")
+
+    order_ = perturbation_order(maps if order == "morf" else -maps)
+    rank = np.empty_like(order_)
+    np.put_along_axis(rank, order_, np.arange(h * w)[None].repeat(n, 0), axis=1)
+    rank = rank.reshape(n, h, w)
+    counts = np.concatenate([[0], counts])
+
+    pairs = [(i, k) for i in range(n) for k in range(len(counts))]
+    curves = np.empty((n, len(counts)))
+    for b in tqdm(range(0, len(pairs), batch_size),
+                  desc=f"ROAD {order.upper()}, {n} images x {len(counts)} fractions",
+                  disable=not progress, leave=False):
+        chunk = pairs[b:b + batch_size]
+        batch = np.stack([
+            noisy_linear_impute(images[i:i + 1], (rank[i] < counts[k])[None], noise,
+                                None if seed is None else [int(seed), i, k])[0]
+            for i, k in chunk])
+        probs = predict_batches(predict, batch, len(batch))
+        idx, ks = np.array([i for i, _ in chunk]), [k for _, k in chunk]
+        curves[idx, ks] = probs[np.arange(len(chunk)), targets[idx]]
+    return curves
+
+
+def road_auc(curves, fractions=ROAD_FRACTIONS) -> np.ndarray:
+    """Area under each ROAD curve (N, len(fractions) + 1) at x = 0, *fractions*, by the
+    trapezoid rule, divided by the last fraction: the curve's mean height over the fractions
+    tested, so a constant curve of value v has area v (as :func:`auc`, which this equals for
+    evenly spaced fractions f, 2f, 3f, ... such as the default). MoRF: lower is better; LeRF:
+    higher is better."""
+    f = _road_fractions(fractions)
+    curves = np.asarray(curves, dtype=np.float64)
+    if curves.ndim != 2 or curves.shape[1] != len(f) + 1:
+        raise ValueError(f"curves must be (N, {len(f) + 1}): the unperturbed score and one per "
+                         f"fraction of {len(f)}, got shape {curves.shape}")
+    integrate = require("scipy.integrate", "cam.metrics.road_auc")
+    return integrate.trapezoid(curves, x=np.concatenate([[0.0], f]), axis=1) / f[-1]
+
+
+def road(predict, images, maps, targets=None, fractions=ROAD_FRACTIONS,
+         noise: float = ROAD_NOISE, seed: int | None = 0, batch_size: int = 32,
+         progress: bool = True) -> dict:
+    """Both ROAD orders for the same images, maps and targets (see :func:`road_curves`).
+
+    Returns a dict of (N,) or (N, K) float64 arrays: ``morf`` and ``lerf`` (the curves),
+    ``morf_auc`` (lower is better), ``lerf_auc`` (higher is better) and ``lerf_minus_morf``
+    (``lerf_auc - morf_auc``, the combined score: higher is better; positive where removing the
+    map's most relevant pixels costs the model more than removing its least relevant ones),
+    plus ``fractions`` (K - 1,) and
+    ``targets`` (N,). pytorch-grad-cam's ``ROADCombined`` reports half this gap, from the mean
+    of each curve over the fractions without the unperturbed point.
+    """
+    images, maps, f, _ = _road_arguments(images, maps, fractions, "morf", batch_size, seed)
+    if targets is None:
+        targets = predict_batches(predict, images, batch_size).argmax(axis=1)
+    targets = np.broadcast_to(np.asarray(targets), (len(images),))
+    out = {"fractions": f, "targets": targets}
+    for order in ROAD_ORDERS:
+        out[order] = road_curves(predict, images, maps, targets, f, order, noise, seed,
+                                 batch_size, progress)
+        out[f"{order}_auc"] = road_auc(out[order], f)
+    out["lerf_minus_morf"] = out["lerf_auc"] - out["morf_auc"]
+    return out
 
 
 # --------------------------------------------------------------------------- localisation
@@ -339,63 +624,47 @@ def bootstrap_ci(values, confidence: float = 0.95, resamples: int = 2000,
         return mean, np.nan, np.nan
     if np.ptp(x) == 0:
         return mean, mean, mean
-    result = bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=confidence,
+    stats = require("scipy.stats", "cam.metrics.bootstrap_ci")
+    result = stats.bootstrap((x,), np.mean, n_resamples=resamples, confidence_level=confidence,
                        method="percentile", rng=np.random.default_rng(seed))
     return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 # --------------------------------------------------------------------------- sanity check
 
-_DENSE_BLOCK = re.compile(r"^(conv\d+)_block(\d+)_")
-_STEM_OR_TRANSITION = re.compile(r"^(conv1|pool\d+)_")
 
-
-def randomisation_stages(model, block_group: int = 16) -> list[tuple[str, list[str]]]:
+def randomisation_stages(model, group=None) -> list[tuple[str, list[str]]]:
     """Groups of the model's weighted layers, from the output down, for the cumulative
     model-randomisation check: ``[(stage name, [layer names]), ...]``.
 
-    DenseNet (``keras.applications`` names): the classifier, then each dense block in chunks
-    of ``block_group`` blocks, top chunk first (``conv5 blocks 17-32``, ...); a transition
-    (``poolN_*``) and the final ``bn`` join the chunk just before them, and the stem is
-    ``conv1``. Any other model: one stage per weighted layer, with a BatchNormalization joined
-    to the layer before it (so the small CNN gives ``predictions``, ``conv4``, ..., ``conv1``).
+    By default each weighted layer is its own stage, and a BatchNormalization joins the layer
+    before it (a small CNN gives ``predictions``, ``conv4``, ..., ``conv1``). ``group(layer,
+    previous)`` overrides that: it gets each weighted layer in graph order and the stage key of
+    the one before it (None for the first) and returns the layer's stage key; consecutive
+    layers with one key form one stage, named by the key. A study passes its architecture's
+    grouping here (DenseNet blocks: :func:`cam.study.models.randomisation_stages`).
     """
-    if block_group < 1:
-        raise ValueError(f"block_group must be >= 1, got {block_group}")
+    group = group or _default_stage
     weighted = [layer for layer in _flat_layers(model) if layer.trainable_weights]
     keys, previous = [], None
     for layer in weighted:
-        dense, other = _DENSE_BLOCK.match(layer.name), _STEM_OR_TRANSITION.match(layer.name)
-        if dense:
-            key = f"{dense[1]} blocks {(int(dense[2]) - 1) // block_group}"
-        elif other and other[1] == "conv1":
-            key = "conv1"
-        elif (other or _is_batchnorm(layer)) and previous is not None:
-            key = previous  # a transition or a BN belongs with what comes before it
-        else:
-            key = layer.name
-        keys.append(key)
-        previous = key
+        previous = group(layer, previous)
+        keys.append(previous)
     stages: list[tuple[str, list[str]]] = []
     for layer, key in reversed(list(zip(weighted, keys))):
         if stages and stages[-1][0] == key:
             stages[-1][1].append(layer.name)
         else:
             stages.append((key, [layer.name]))
-    return [(_stage_label(key, names), names) for key, names in stages]
+    return stages
 
 
-def _stage_label(key: str, names: list[str]) -> str:
-    blocks = sorted({int(m[2]) for n in names if (m := _DENSE_BLOCK.match(n))})
-    if blocks:
-        return f"{key.split()[0]} blocks {blocks[0]}-{blocks[-1]}"
-    return key
-
-
-def _is_batchnorm(layer) -> bool:
+def _default_stage(layer, previous: str | None) -> str:
     import keras
 
-    return isinstance(layer, keras.layers.BatchNormalization)
+    if isinstance(layer, keras.layers.BatchNormalization) and previous is not None:
+        return previous
+    return layer.name
 
 
 def _flat_layers(model):
@@ -449,7 +718,8 @@ def randomisation_check(model, explainers, images, layer=None, stages=None, targ
     layer : str, int or None
         The layer all maps are taken at.
     stages : list of (name, [layer names]) or None
-        What to re-initialise, top first; None: :func:`randomisation_stages`.
+        What to re-initialise, top first; None: :func:`randomisation_stages` (one stage
+        per weighted layer).
     targets : None, int or (N,) ints
         Classes to explain on every stage; None: the original model's predicted classes.
     seed : int
@@ -460,13 +730,13 @@ def randomisation_check(model, explainers, images, layer=None, stages=None, targ
 
     Returns
     -------
-    pandas.DataFrame, one row per (stage, method, image): ``stage`` (0 = the unchanged copy,
+    list of dicts, one row per (stage, method, image) (``pandas.DataFrame(rows)`` makes it a
+    table): ``stage`` (0 = the unchanged copy,
     a check that the copy reproduces the maps), ``reinitialised`` (the stage's name),
     ``layers`` (how many layers are random so far), ``method``, ``image``, ``spearman``
     (NaN where a map is constant).
     """
     import keras
-    import pandas as pd
 
     if not isinstance(explainers, dict):
         explainers = {getattr(explainers, "name", getattr(explainers, "__name__", "explainer")): explainers}
@@ -486,9 +756,9 @@ def randomisation_check(model, explainers, images, layer=None, stages=None, targ
                 for m, e in methods.items()}
 
     original = {m: f(model, layer) for m, f in explainers.items()}
-    reference = maps_of(original)
     if targets is None:
-        targets = next(iter(original.values())).last_targets
+        targets = next(iter(original.values())).explain(images, upsample=False).targets
+    reference = maps_of(original)
     # One explainer per method on the copy: its compiled functions read the copy's variables,
     # so re-initialising them in place needs no retracing between stages.
     on_copy = {m: f(copy, layer) for m, f in explainers.items()}
@@ -503,4 +773,4 @@ def randomisation_check(model, explainers, images, layer=None, stages=None, targ
             for image, rho in enumerate(spearman(reference[m], maps)):
                 rows.append({"stage": s, "reinitialised": name, "layers": count, "method": m,
                              "image": image, "spearman": rho})
-    return pd.DataFrame(rows)
+    return rows

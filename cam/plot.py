@@ -11,28 +11,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import cv2
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from . import maps as M
+from ._optional import require
 
-from . import maps as M  # noqa: E402
-
-
-def _as_display(image: np.ndarray) -> np.ndarray:
-    """An (H, W, 3) float image in [0, 1] from uint8 / [0, 255] / [0, 1] / one-channel input."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
-    lo, hi = float(image.min()), float(image.max())
-    if hi > 1.0:
-        image = image / 255.0 if lo >= 0 and hi <= 255 else (image - lo) / max(hi - lo, 1e-12)
-    return np.clip(image, 0, 1)
+matplotlib = require("matplotlib", "cam.plot")
+plt = require("matplotlib.pyplot", "cam.plot")
 
 
 def overlay(image: np.ndarray, saliency: np.ndarray, cmap: str = "jet", alpha: float = 0.5,
@@ -45,22 +30,17 @@ def overlay(image: np.ndarray, saliency: np.ndarray, cmap: str = "jet", alpha: f
     colour the top 20%). ``smooth`` is the sigma (pixels) of a Gaussian blur applied to the
     map first, for softer edges; a map coarser than the image is resized bilinearly.
     """
-    base = _as_display(image)
+    base = M.as_display(image)
     saliency = np.asarray(saliency, dtype=np.float32)
     if saliency.ndim != 2:
         raise ValueError(f"saliency must be one (h, w) map, got shape {saliency.shape}")
-    if alpha < 0 or alpha > 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if saliency.shape != base.shape[:2]:
         saliency = cv2.resize(saliency, base.shape[1::-1], interpolation=cv2.INTER_LINEAR)
     if smooth > 0:
         saliency = cv2.GaussianBlur(saliency, (0, 0), smooth)
     threshold = float(M.threshold_levels(saliency[None], threshold)[0])
     colours = plt.get_cmap(cmap)(np.clip(saliency, 0, 1))[..., :3]
-    weight = np.clip((saliency - threshold) / max(1 - threshold, 1e-6), 0, 1) if threshold > 0 \
-        else np.ones_like(saliency)
-    weight = (alpha * weight)[..., None]
-    return (1 - weight) * base + weight * colours
+    return M.blend(base, saliency, colours, alpha, threshold)
 
 
 def _finish(fig, save):
@@ -152,7 +132,7 @@ def compare_methods(images: np.ndarray, maps: Mapping[str, np.ndarray],
     fig, axes = plt.subplots(n, len(methods) + 1, figsize=(2.2 * (len(methods) + 1), 2.2 * n),
                              squeeze=False)
     for i in range(n):
-        axes[i, 0].imshow(_as_display(images[i]))
+        axes[i, 0].imshow(M.as_display(images[i]))
         axes[i, 0].set_ylabel(row_titles[i] if row_titles else "", fontsize=8)
         for j, name in enumerate(methods, start=1):
             axes[i, j].imshow(overlay(images[i], maps[name][i], **kwargs))
@@ -177,7 +157,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, columns:
         ax.set_axis_off()
     for i, image in enumerate(images):
         ax = axes.ravel()[i]
-        ax.imshow(_as_display(image))
+        ax.imshow(M.as_display(image))
         if titles is not None:
             ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()

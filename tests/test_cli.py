@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cam import cli
-from cam.vit import build_vit
+from cam.study.vit import build_vit
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,12 @@ def run(*args, cwd=None) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, timeout=300)
 
 
+#: The ViT's custom layers are registered by importing the study module that defines them.
+VIT = ("--import", "cam.study.vit")
+
+
 def test_layers_prints_the_candidate_table(files):
-    result = run("layers", files / "vit.keras")
+    result = run("layers", files / "vit.keras", *VIT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["layer", "output", "shape", "grid"]
@@ -50,7 +54,7 @@ def test_explain_writes_overlays_and_raw_maps(files, tmp_path):
     out = tmp_path / "maps"
     result = run("explain", files / "vit.keras", files / "a.png", files / "b.jpg",
                  "--method", "Ablation-CAM", "--layer", "block0_norm1", "--target", "2",
-                 "--threshold", "q0.5", "--classes", "x,y,z", "--out", out)
+                 "--threshold", "q0.5", "--classes", "x,y,z", "--out", out, *VIT)
     assert result.returncode == 0, result.stderr
     for stem in ("a", "b"):
         raw = np.load(out / f"{stem}-ablationcam.npy")
@@ -73,9 +77,14 @@ def test_explain_writes_overlays_and_raw_maps(files, tmp_path):
     (["explain", "{root}/vit.keras", "{root}/broken.png"], "cannot decode {root}/broken.png"),
     (["explain", "{root}/vit.keras", "{root}/a.png", "--layer", "block0_nrom1"],
      "no layer named 'block0_nrom1'"),
+    (["explain", "{root}/vit.keras", "{root}/a.png", "--method", "gradcam", "--window", "2"],
+     "--window does not apply to gradcam; it is an option of fastablationcam"),
+    (["explain", "{root}/vit.keras", "{root}/a.png", "--import", "no_such_module_here"],
+     "--import no_such_module_here: cannot import it"),
 ])
 def test_errors_are_one_line_and_exit_non_zero(files, args, message):
-    result = run(*[a.format(root=files) for a in args])
+    imports = [] if "--import" in args else list(VIT)
+    result = run(*[a.format(root=files) for a in args], *imports)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("cam: error: " )
@@ -93,3 +102,9 @@ def test_usage_errors_are_one_line(capsys):
     assert cli.main(["explain", "m.keras", "x.png", "--window", "two"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid int value: 'two'" in err
+
+
+def test_a_model_with_custom_layers_needs_its_module_imported(files):
+    result = run("layers", files / "vit.keras")
+    assert result.returncode == 2
+    assert "cannot load" in result.stderr and "ClassToken" in result.stderr

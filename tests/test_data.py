@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cam import data, paths
+from cam.study import data, paths
 
 
 def _grain(seed: int, size=(40, 48)) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for cam.download: a tiny POLEN23E-like archive served over loopback HTTP."""
+"""Tests for cam.study.download: a tiny POLEN23E-like archive served over loopback HTTP."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cam import download
-from cam.download import class_from_name, count_images, download_polen23e, main
+from cam.study import download
+from cam.study.download import class_from_name, count_images, download_polen23e, main
 
 # 3 classes x 2 images; the flat layout mixes "class_NN" and "class (N)" names.
 FLAT_NAMES = {

@@ -16,11 +16,8 @@ import cam
 from cam.explainers import TRUNK_BATCH
 from conftest import assert_rel_close, raw
 
-METHODS = {
-    "gradcam": cam.GradCAM,
-    "ablationcam": cam.AblationCAM,
-    "fastablationcam": cam.FastAblationCAM,
-}
+#: Every registered method: the shared tests below run each of them.
+METHODS = {key: cam.method_class(key) for key in cam.METHODS}
 ABLATION_METHODS = ("ablationcam", "fastablationcam")
 
 PROPERTY = settings(max_examples=10, deadline=None, derandomize=False,
@@ -73,10 +70,14 @@ def test_ablation_cam_by_hand(two_channel_model):
     expected0 = (4 * A0 + 20 / 9 * A1) / y0
     # class 1: y = 0.5*4 - 1*(10/9) = 8/9; drops 2 and -10/9: w = (9/4, -5/4).
     expected1 = 9 / 4 * A0 - 5 / 4 * A1
-    maps = raw(explainer, np.concatenate([RAMP, RAMP]), targets=[0, 1])
+    result = explainer.explain(np.concatenate([RAMP, RAMP]), targets=[0, 1], upsample=False,
+                               normalize=False)
+    maps = result.raw
     np.testing.assert_allclose(maps[0], expected0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maps[1], expected1, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(explainer.last_scores[0], [y0, 8 / 9], rtol=1e-6)
+    np.testing.assert_allclose(result.scores[0], [y0, 8 / 9], rtol=1e-6)
+    np.testing.assert_array_equal(result.targets, [0, 1])
+    np.testing.assert_array_equal(result.maps, maps)  # upsample=False, normalize=False
 
 
 def test_ablation_cam_by_numpy_on_random_inputs(two_channel_model):
@@ -473,44 +474,50 @@ class TestTargets:
     @pytest.fixture
     def setup(self, method, residual_add_model):
         explainer = METHODS[method](residual_add_model, "relu_a", batch_size=32) \
-            if method != "gradcam" else METHODS[method](residual_add_model, "relu_a")
+            if method in ABLATION_METHODS else METHODS[method](residual_add_model, "relu_a")
         x = np.random.default_rng(5).standard_normal((3, 10, 10, 3)).astype(np.float32)
         return explainer, x, np.asarray(residual_add_model(x))
 
     def test_none_explains_the_predicted_class(self, setup):
         explainer, x, logits = setup
-        maps = raw(explainer, x)
+        result = explainer.explain(x, upsample=False, normalize=False)
+        maps = result.raw
         predicted = logits.argmax(axis=1)
-        np.testing.assert_array_equal(explainer.last_targets, predicted)
-        np.testing.assert_allclose(explainer.last_scores, logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(result.targets, predicted)
+        np.testing.assert_array_equal(result.predicted, predicted)
+        np.testing.assert_allclose(result.scores, logits, rtol=1e-5, atol=1e-6)
+        assert result.method == explainer.name and result.layer == explainer.layer
         np.testing.assert_allclose(maps, raw(explainer, x, targets=list(predicted)), atol=1e-7)
 
     @pytest.mark.parametrize("target", [0, 2, np.int64(1)])
     def test_int_applies_to_every_image(self, setup, target):
         explainer, x, _ = setup
-        maps = raw(explainer, x, targets=target)
-        np.testing.assert_array_equal(explainer.last_targets, [int(target)] * 3)
-        assert explainer.last_targets.dtype.kind == "i"
+        result = explainer.explain(x, targets=target, upsample=False, normalize=False)
+        maps = result.raw
+        np.testing.assert_array_equal(result.targets, [int(target)] * 3)
+        assert result.targets.dtype.kind == "i"
         np.testing.assert_allclose(maps, raw(explainer, x, targets=[int(target)] * 3), atol=1e-7)
 
     def test_list_gives_one_target_per_image(self, setup):
         explainer, x, _ = setup
         targets = [2, 0, 1]
-        maps = raw(explainer, x, targets=targets)
-        np.testing.assert_array_equal(explainer.last_targets, targets)
+        result = explainer.explain(x, targets=targets, upsample=False, normalize=False)
+        maps = result.raw
+        np.testing.assert_array_equal(result.targets, targets)
         for i, t in enumerate(targets):
-            alone = raw(explainer, x[i:i + 1], targets=t)
-            np.testing.assert_allclose(maps[i], alone[0], rtol=1e-5, atol=1e-6)
-            np.testing.assert_array_equal(explainer.last_targets, [t])
+            alone = explainer.explain(x[i:i + 1], targets=t, upsample=False, normalize=False)
+            np.testing.assert_allclose(maps[i], alone.raw[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(alone.targets, [t])
         # the target matters: another class gives another map
         other = raw(explainer, x, targets=[0, 1, 2])
         assert not np.allclose(maps[0], other[0], atol=1e-6)
 
     def test_numpy_array_targets(self, setup):
         explainer, x, _ = setup
-        maps = raw(explainer, x, targets=np.array([1, 1, 0]))
-        np.testing.assert_allclose(maps, raw(explainer, x, targets=[1, 1, 0]), atol=1e-7)
-        np.testing.assert_array_equal(explainer.last_targets, [1, 1, 0])
+        result = explainer.explain(x, targets=np.array([1, 1, 0]), upsample=False,
+                                   normalize=False)
+        np.testing.assert_allclose(result.raw, raw(explainer, x, targets=[1, 1, 0]), atol=1e-7)
+        np.testing.assert_array_equal(result.targets, [1, 1, 0])
 
 
 @pytest.mark.parametrize("method", ["gradcam", "fastablationcam"])
@@ -521,9 +528,10 @@ def test_more_images_than_one_trunk_batch(method, gap_head_model):
     targets = [i % 4 for i in range(n)]
     kwargs = {"window": 2} if method == "fastablationcam" else {}
     explainer = METHODS[method](gap_head_model, "relu", **kwargs)
-    maps = raw(explainer, x, targets=targets)
+    result = explainer.explain(x, targets=targets, upsample=False, normalize=False)
+    maps = result.raw
     assert maps.shape == (n, 8, 8)
-    np.testing.assert_array_equal(explainer.last_targets, targets)
+    np.testing.assert_array_equal(result.targets, targets)
     for i in (0, TRUNK_BATCH - 1, TRUNK_BATCH, n - 1):
         alone = raw(explainer, x[i:i + 1], targets=targets[i])
         np.testing.assert_allclose(maps[i], alone[0], rtol=1e-5, atol=1e-6)

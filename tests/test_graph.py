@@ -8,7 +8,7 @@ import pytest
 from keras import layers as L
 
 import cam
-from cam.graph import Split
+from cam.graph import LayerTable, Split, needed_calls
 
 
 def _np(t) -> np.ndarray:
@@ -370,3 +370,54 @@ def test_non_classifier_output_is_refused():
     model = keras.Model(inputs, L.Conv2D(2, 1, name="seg")(x))
     with pytest.raises(ValueError, match=r"\(batch, classes\)"):
         Split(model, "conv")
+
+
+# --------------------------------------------------------------------------- layer table
+
+
+def test_layer_table_rows_str_and_frame(pyramid):
+    table = cam.layer_table(pyramid)
+    assert isinstance(table, list) and isinstance(table, LayerTable)
+    assert [r["index"] for r in table] == list(range(len(PYRAMID_CANDIDATES)))
+    assert [(r["layer"], tuple(r["output shape"])) for r in table] == PYRAMID_CANDIDATES
+    assert all(list(r) == list(table.columns) for r in table)
+    relu2 = table[4]
+    assert relu2["grid"] == "4x4" and relu2["head-only"] is True and relu2["note"] == ""
+    head, total = (int(v) for v in relu2["head layers"].split("/"))
+    assert head == len(Split(pyramid, "relu2").head_calls) and total == 10
+    lines = str(table).splitlines()
+    assert lines[0].split() == ["layer", "output", "shape", "grid", "head-only", "head",
+                                "layers", "note"]
+    assert len(lines) == 1 + len(PYRAMID_CANDIDATES)
+    assert lines[5].split()[:2] == ["4", "relu2"] and " (None, 4, 4, 5) " in lines[5]
+    assert lines[5].rstrip().endswith("True  " + relu2["head layers"].rjust(11))
+    # columns line up: every row's layer name starts where the header's "layer" does
+    start = lines[0].index("layer")
+    assert all(line[start:].split()[0] == name
+               for line, (name, _) in zip(lines[1:], PYRAMID_CANDIDATES))
+    frame = table.to_frame()
+    assert frame.index.name == "index" and list(frame.index) == list(range(6))
+    assert list(frame.columns) == ["layer", "output shape", "grid", "head-only", "head layers",
+                                   "note"]
+    assert frame.loc[4, "layer"] == "relu2" and frame.loc[4, "head layers"] == \
+        relu2["head layers"]
+
+
+def test_layer_table_notes_a_layer_that_cannot_be_split(tiny_sequential):
+    inputs = keras.Input((10, 10, 3))
+    out = tiny_sequential(inputs)
+    model = keras.Model(inputs, [out, out * 2.0])  # two outputs: no layer splits
+    table = cam.layer_table(model)
+    assert table and all(r["head-only"] is False and r["grid"] == "" for r in table)
+    assert all("2 outputs" in r["note"] for r in table)
+    assert "2 outputs" in str(table)
+
+
+def test_needed_calls_keeps_only_what_the_wanted_keys_need(residual_add_model):
+    split = Split(residual_add_model, "relu_a")
+    names = [c.name for c in needed_calls(split.graph.calls, {split.target})]
+    assert names == ["conv_in", "relu_in", "conv_a", "relu_a"]
+    # keys nobody in the list produces (here the target, given to the head) are taken as given
+    assert [c.name for c in needed_calls(split.head_calls, {split.output})] == \
+        [c.name for c in split.head_calls] == ["conv_b", "add", "relu_out", "gap", "logits"]
+    assert needed_calls(split.graph.calls, set()) == []

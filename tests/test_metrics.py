@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cam import metrics
@@ -207,33 +208,36 @@ def _densenet_named_model():
 
 
 def test_randomisation_stages_for_densenet_names_and_a_small_cnn():
-    from cam import models
+    from cam.study import models
 
-    stages = metrics.randomisation_stages(_densenet_named_model(), block_group=1)
+    stages = models.randomisation_stages(_densenet_named_model(), block_group=1)
     assert stages == [("predictions", ["predictions"]),
                       ("conv3 blocks 2-2", ["bn", "conv3_block2_1_conv"]),
                       ("conv3 blocks 1-1", ["conv3_block1_1_conv"]),
                       ("conv2 blocks 2-2", ["pool2_conv", "conv2_block2_1_conv"]),
                       ("conv2 blocks 1-1", ["conv2_block1_1_conv"]),
                       ("conv1", ["conv1_conv"])]
-    assert [s for s, _ in metrics.randomisation_stages(_densenet_named_model(), block_group=2)] == \
+    assert [s for s, _ in models.randomisation_stages(_densenet_named_model(), block_group=2)] == \
         ["predictions", "conv3 blocks 1-2", "conv2 blocks 1-2", "conv1"]
     small = metrics.randomisation_stages(models.build_small_cnn(3, image_size=16, width=2))
     assert small == [("predictions", ["predictions"]), ("conv4", ["bn", "conv4"]),
                      ("conv3", ["bn3", "conv3"]), ("conv2", ["bn2", "conv2"]),
                      ("conv1", ["bn1", "conv1"])]
+    # the DenseNet grouping leaves a model with other names to the generic one
+    assert models.randomisation_stages(models.build_small_cnn(3, image_size=16, width=2)) == small
 
 
 def test_randomisation_check_on_a_small_cnn():
     import cam
-    from cam import models
+    from cam.study import models
 
     model = models.build_small_cnn(3, image_size=16, width=4)
     before = [w.copy() for w in model.get_weights()]
     images = np.random.default_rng(0).uniform(0, 255, (3, 16, 16, 3)).astype(np.float32)
     methods = {"Grad-CAM": cam.GradCAM,
                "FastAblationCAM": lambda m, layer: cam.FastAblationCAM(m, layer, batch_size=16)}
-    frame = metrics.randomisation_check(model, methods, images, "relu", progress=False)
+    frame = pd.DataFrame(metrics.randomisation_check(model, methods, images, "relu",
+                                                     progress=False))
     assert list(frame.columns) == ["stage", "reinitialised", "layers", "method", "image", "spearman"]
     assert len(frame) == 6 * 2 * 3  # (original + 5 stages) x methods x images
     assert frame["reinitialised"].unique().tolist() == ["none", "predictions", "conv4", "conv3",
@@ -244,7 +248,233 @@ def test_randomisation_check_on_a_small_cnn():
     assert (frame[frame["stage"] == 5]["spearman"].fillna(0) < 0.999).all()  # fully random
     for a, b in zip(before, model.get_weights()):  # the caller's model is untouched
         np.testing.assert_array_equal(a, b)
-    again = metrics.randomisation_check(model, methods, images, "relu", progress=False)
+    again = pd.DataFrame(metrics.randomisation_check(model, methods, images, "relu",
+                                                     progress=False))
     np.testing.assert_array_equal(frame["spearman"].to_numpy(), again["spearman"].to_numpy())
     with pytest.raises(ValueError, match="stage 'x' names layers the model does not have: .'nope'."):
         metrics.randomisation_check(model, cam.GradCAM, images, "relu", stages=[("x", ["nope"])])
+
+
+# --------------------------------------------------------------------------- ROAD
+
+def _impute(image, removed, **kwargs):
+    """noisy_linear_impute of one (H, W) or (H, W, C) image without noise, as (H, W[, C])."""
+    image = np.asarray(image, float)
+    flat = image.ndim == 2
+    out = metrics.noisy_linear_impute(image[None, ..., None] if flat else image[None],
+                                      np.asarray(removed)[None], **{"noise": 0.0, **kwargs})[0]
+    return out[..., 0] if flat else out
+
+
+def test_noisy_linear_impute_by_hand():
+    centre = np.zeros((3, 3), bool)
+    centre[1, 1] = True
+    # Channel 0 a ramp, channel 1 direct neighbours 3 and diagonal ones 0: the centre becomes
+    # (2 * direct + diagonal) / 12, i.e. weights 1/6 and 1/12 (equal weights would give 1.5).
+    image = np.stack([[[1, 2, 3], [4, 0, 6], [7, 8, 9]],
+                      [[0, 3, 0], [3, 9, 3], [0, 3, 0]]], axis=-1).astype(float)
+    out = _impute(image, centre)
+    assert out[1, 1, 0] == pytest.approx((2 * (2 + 4 + 6 + 8) + (1 + 3 + 7 + 9)) / 12)  # = 5
+    assert out[1, 1, 1] == pytest.approx(2.0)
+    np.testing.assert_array_equal(out[~centre], image[~centre])
+    # At the border the weights are renormalised over the 3 neighbours that exist:
+    # (2 * 1 + 2 * 2 + 1 * 4) / (2 + 2 + 1) = 2.
+    corner = np.zeros((3, 3), bool)
+    corner[0, 0] = True
+    assert _impute([[9, 1, 0], [2, 4, 0], [0, 0, 0]], corner)[0, 0] == pytest.approx(2.0)
+    # Coupled unknowns: in one row x1 = (0 + x2) / 2, x2 = (x1 + 3) / 2, so 1 and 2.
+    np.testing.assert_allclose(_impute([[0, 7, 7, 3]], [[False, True, True, False]]),
+                               [[0, 1, 2, 3]], rtol=0, atol=1e-12)
+    # The stencil is symmetric: an affine image is reproduced exactly in an interior hole.
+    r, c = np.mgrid[:6, :7]
+    ramp = 2.0 * r - 3.0 * c + 1.0
+    hole = np.zeros((6, 7), bool)
+    hole[1:5, 2:6] = True
+    hole[2, 1] = True
+    np.testing.assert_allclose(_impute(np.where(hole, 100.0, ramp), hole), ramp, rtol=0, atol=1e-12)
+    # A single kept pixel: everything else becomes its value.
+    lone = np.ones((4, 5), bool)
+    lone[3, 1] = False
+    np.testing.assert_allclose(_impute(np.where(lone, -50.0, 7.5), lone), 7.5, rtol=0, atol=1e-12)
+
+
+def test_noisy_linear_impute_keeps_kept_pixels_bit_for_bit():
+    rng = np.random.default_rng(1)
+    removed = rng.random((2, 7, 9)) < 0.6
+    for images in (rng.random((2, 7, 9, 3)).astype(np.float32) * 255,  # float32 stays float32
+                   rng.random((2, 7, 9, 3)) * 1e-3 + np.pi,  # float64 stays float64
+                   rng.integers(0, 256, (2, 7, 9, 3)).astype(np.uint8)):  # uint8 -> float32
+        out = metrics.noisy_linear_impute(images, removed, noise=0.02, seed=4)
+        assert out.dtype == np.result_type(images.dtype, np.float32)
+        np.testing.assert_array_equal(out[~removed], images[~removed])
+        assert not np.isclose(out[removed], images[removed]).all()
+    # nothing removed: a copy, without noise
+    images = rng.random((1, 3, 3, 2))
+    np.testing.assert_array_equal(
+        metrics.noisy_linear_impute(images, np.zeros((1, 3, 3), bool), noise=0.5), images)
+
+
+def test_noisy_linear_impute_noise():
+    rng = np.random.default_rng(2)
+    images = rng.random((2, 30, 30, 3)) * 200 + 20
+    removed = np.zeros((2, 30, 30), bool)
+    removed[:, 5:25, 5:25] = True
+    plain = metrics.noisy_linear_impute(images, removed, noise=0.0)
+    noisy = metrics.noisy_linear_impute(images, removed, noise=0.05, seed=3)
+    np.testing.assert_array_equal(noisy[~removed], images[~removed])  # kept pixels untouched
+    np.testing.assert_array_equal(noisy, metrics.noisy_linear_impute(images, removed, 0.05, seed=3))
+    assert not np.array_equal(noisy, metrics.noisy_linear_impute(images, removed, 0.05, seed=4))
+    # noise std = 0.05 * each image's range (max - min over all its pixels), 1200 draws each
+    for i in range(2):
+        std = (noisy[i] - plain[i])[removed[i]].std()
+        assert std == pytest.approx(0.05 * np.ptp(images[i]), rel=0.1)
+    # Relative to the range, so imputation commutes with a x + b (a > 0), noise included.
+    np.testing.assert_allclose(metrics.noisy_linear_impute(2.5 * images - 7, removed, 0.05, seed=3),
+                               2.5 * noisy - 7, rtol=1e-10)
+    # value_range replaces each image's range; the draws are the same.
+    fixed = metrics.noisy_linear_impute(images, removed, 0.05, seed=3, value_range=255.0)
+    for i in range(2):
+        np.testing.assert_allclose(fixed[i] - plain[i],
+                                   (noisy[i] - plain[i]) * 255.0 / np.ptp(images[i]), atol=1e-9)
+    # A constant image has range 0: no noise.
+    top = np.zeros((1, 4, 4), bool)
+    top[0, :2] = True
+    np.testing.assert_allclose(metrics.noisy_linear_impute(np.full((1, 4, 4, 1), 3.0), top, 0.5),
+                               3.0, rtol=0, atol=1e-12)
+
+
+def region_predict(x):
+    """Class 0's probability is the mean of the 2x2 square x[3:5, 3:5] (clipped to [0, 1])."""
+    p = np.clip(x[:, 3:5, 3:5, :].mean(axis=(1, 2, 3)), 0.0, 1.0)
+    return np.stack([p, 1 - p], axis=1)
+
+
+def _road_setting():
+    """One 8x8 image, 1 inside the square and 0 outside, and three maps of it: the square on top
+    (background ranked at random below it), the reverse, and a random map."""
+    image = np.zeros((8, 8, 1), np.float32)
+    image[3:5, 3:5] = 1.0
+    rng = np.random.default_rng(0)
+    ideal = rng.random((8, 8)) * 0.5
+    ideal[3:5, 3:5] = 1.0
+    maps = np.stack([ideal, 1 - ideal, rng.random((8, 8))])
+    return np.repeat(image[None], 3, axis=0), maps
+
+
+def test_road_curves_where_the_answer_is_known():
+    images, maps = _road_setting()
+    kw = dict(noise=0.0, progress=False)
+    morf = metrics.road_curves(region_predict, images, maps, order="morf", **kw)
+    lerf = metrics.road_curves(region_predict, images, maps, order="lerf", **kw)
+    assert morf.shape == lerf.shape == (3, 10)
+    # Ideal map, MoRF: at 10% (6 pixels) the square is gone and imputed from the zeros around it.
+    np.testing.assert_array_equal(morf[0], [1.0] + [0.0] * 9)
+    # LeRF removes at most round(0.9 * 64) = 58 of the 60 background pixels: the square stays.
+    np.testing.assert_array_equal(lerf[0], 1.0)
+    # The reverse map is the worst in both orders.
+    np.testing.assert_array_equal(morf[1], 1.0)
+    np.testing.assert_array_equal(lerf[1], [1.0] + [0.0] * 9)
+    areas = metrics.road(region_predict, images, maps, **kw)
+    np.testing.assert_array_equal(areas["morf"], morf)
+    np.testing.assert_array_equal(areas["lerf"], lerf)
+    np.testing.assert_array_equal(areas["targets"], 0)  # predicted class of the original
+    np.testing.assert_allclose(areas["morf_auc"][:2], [1 / 18, 1.0])  # (0.1 / 2) / 0.9
+    np.testing.assert_allclose(areas["lerf_auc"][:2], [1.0, 1 / 18])
+    np.testing.assert_allclose(areas["lerf_minus_morf"][:2], [17 / 18, -17 / 18])
+    # A random map lies strictly in between.
+    assert 1 / 18 < areas["morf_auc"][2] < 1 and 1 / 18 < areas["lerf_auc"][2] < 1
+    assert -17 / 18 < areas["lerf_minus_morf"][2] < 17 / 18
+    assert morf[2, 1] > 0  # 6 random pixels do not take the whole square
+    # The other class is traced on request.
+    np.testing.assert_allclose(metrics.road_curves(region_predict, images, maps, 1, **kw), 1 - morf)
+
+
+def test_road_curves_by_hand_for_single_pixels():
+    images, maps = _road_setting()
+    one = np.zeros((1, 8, 8))
+    one[0, 3, 3] = 1.0  # pixel (3, 3) first, then raster order
+    # round(0.02 * 64) = 1 pixel: (3, 3) becomes (2 * (1 + 1) + 1) / 12 = 5/12 from its 3 square
+    # neighbours (direct, direct, diagonal) and 5 zeros, so class 0 has (3 + 5/12) / 4 = 41/48.
+    curve = metrics.road_curves(region_predict, images[:1], one, fractions=(0.02,), noise=0.0,
+                                progress=False)
+    np.testing.assert_allclose(curve[0], [1.0, 41 / 48])
+    # LeRF past the square: round(0.95 * 64) = 61 pixels, the whole background and (3, 3), the
+    # first of the tied square pixels in raster order. Only square pixels (value 1) are left to
+    # impute from, so everything becomes 1 and the curve stays flat.
+    curve = metrics.road_curves(region_predict, images[:1], maps[:1], fractions=(0.5, 0.95),
+                                order="lerf", noise=0.0, progress=False)
+    np.testing.assert_array_equal(curve[0], [1.0, 1.0, 1.0])
+
+
+def test_road_noise_is_seeded_per_image_and_fraction():
+    images, maps = _road_setting()
+    a = metrics.road_curves(region_predict, images, maps, seed=5, batch_size=1, progress=False)
+    b = metrics.road_curves(region_predict, images, maps, seed=5, batch_size=7, progress=False)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, metrics.road_curves(region_predict, images, maps, seed=6,
+                                                     progress=False))
+    # Ideal map: the square is imputed as noise of std 0.01 (the image's range is 1) around 0.
+    assert a[0, 0] == 1.0 and (np.abs(a[0, 1:]) < 0.05).all()
+    lerf = metrics.road_curves(region_predict, images, maps, order="lerf", seed=5, progress=False)
+    np.testing.assert_array_equal(lerf[0], 1.0)  # the kept square carries no noise
+
+
+def test_road_auc_by_hand():
+    # x = 0, 0.25, 0.75: (0.25 * (1 + 0.5) / 2 + 0.5 * (0.5 + 0) / 2) / 0.75 = 5/12
+    assert metrics.road_auc([[1.0, 0.5, 0.0]], (0.25, 0.75))[0] == pytest.approx(5 / 12)
+    curves = np.random.default_rng(0).random((4, 10))
+    np.testing.assert_allclose(metrics.road_auc(curves), metrics.auc(curves))  # even spacing
+    np.testing.assert_allclose(metrics.road_auc(np.full((2, 4), 0.3), (0.1, 0.5, 0.6)), 0.3)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: metrics.noisy_linear_impute(np.zeros((1, 2, 2, 1)), np.ones((1, 2, 2))),
+     TypeError, "removed must be boolean"),
+    (lambda: metrics.noisy_linear_impute(np.zeros((1, 2, 2, 1)), np.ones((1, 2, 3), bool)),
+     ValueError, r"removed must be a \(N, H, W\) = \(1, 2, 2\) mask"),
+    (lambda: metrics.noisy_linear_impute(np.zeros((2, 2, 1)), np.ones((2, 2), bool)),
+     ValueError, r"images must be a \(N, H, W, C\) batch"),
+    (lambda: metrics.noisy_linear_impute(np.zeros((1, 2, 2, 1)), np.eye(2, dtype=bool)[None], -1),
+     ValueError, "noise must be a finite number >= 0, got -1"),
+    (lambda: metrics.noisy_linear_impute(np.zeros((1, 2, 2, 1)), np.eye(2, dtype=bool)[None],
+                                         value_range=0),
+     ValueError, "value_range must be None or a finite number > 0"),
+    (lambda: metrics.noisy_linear_impute(np.zeros((2, 2, 2, 1)),
+                                         np.array([np.eye(2), np.ones((2, 2))], bool)),
+     ValueError, "image 1 has every pixel removed"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), order="MoRF"),
+     ValueError, r"order must be one of \('morf', 'lerf'\)"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=(0.5, 0.2)),
+     ValueError, "fractions must be a non-empty sequence of numbers strictly increasing"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=(0.5, 0.5)),
+     ValueError, "strictly increasing within"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=(0.0, 0.5)),
+     ValueError, r"within \(0, 1\)"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=(0.5, 1.0)),
+     ValueError, r"within \(0, 1\)"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=()),
+     ValueError, "non-empty"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=[[0.1, 0.2]]),
+     ValueError, "non-empty sequence"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions="half"),
+     ValueError, "non-empty sequence"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), fractions=(0.995,)),
+     ValueError, "fraction 0.995 removes all 64 pixels of these 8x8 images"),
+    (lambda: metrics.road_curves(region_predict, _road_setting()[0], _road_setting()[1][:, :4]),
+     ValueError, r"maps must be \(N, H, W\) = \(3, 8, 8\)"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), batch_size=0),
+     ValueError, "batch_size must be an integer >= 1, got 0"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), seed=-1),
+     ValueError, "seed must be None or an integer >= 0, got -1"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), targets=0.5),
+     ValueError, "targets must be None, an int or 3 ints"),
+    (lambda: metrics.road_curves(region_predict, *_road_setting(), noise=-0.1, progress=False),
+     ValueError, "noise must be a finite number >= 0"),
+    (lambda: metrics.road_auc(np.zeros((2, 9))),
+     ValueError, r"curves must be \(N, 10\)"),
+    (lambda: metrics.road_auc(np.zeros((2, 3)), (0.6, 0.3)),
+     ValueError, "strictly increasing"),
+])
+def test_road_checks_its_arguments(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from cam import data, paths
-from cam.models import CHECKPOINT_STEM, build_densenet169, checkpoint_paths, load_checkpoint
-from cam.train import TrainConfig, recalibrate_batchnorm, training_dataset
+from cam.study import data, paths
+from cam.study.models import CHECKPOINT_STEM, build_densenet169, checkpoint_paths, load_checkpoint
+from cam.study.train import TrainConfig, recalibrate_batchnorm, training_dataset
 
 WEIGHTS, META = checkpoint_paths()
 
@@ -102,7 +102,7 @@ def test_committed_checkpoint_replays_its_recorded_predictions():
 
 
 def test_study_checkpoint_names_the_shared_checkpoints():
-    from cam import models
+    from cam.study import models
 
     assert models.study_checkpoint("polen23e") == (CHECKPOINT_STEM, paths.MODELS_DIR)
     assert models.study_checkpoint("synthetic", 2) == ("small-cnn-synthetic-fold2",

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from cam import paths
+from cam.study import paths
 
 NOTEBOOKS = sorted(paths.NOTEBOOKS_DIR.glob("*.ipynb"))
 

@@ -1,8 +1,8 @@
-"""cam.paths.Results: where notebooks write, and how a table is saved."""
+"""cam.study.paths.Results: where notebooks write, and how a table is saved."""
 
 import pandas as pd
 
-from cam import paths
+from cam.study import paths
 
 
 def test_results_default_and_explicit_folders(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""cam.reproduce: which notebooks run, with which parameters, and the messages when data is missing."""
+"""cam.study.reproduce: which notebooks run, with which parameters, and the messages when data is missing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import papermill
 import pytest
 
-from cam import download, paths, reproduce
+from cam.study import download, paths, reproduce
 
 
 def test_study_notebooks_in_order_appendix_only_on_synthetic():

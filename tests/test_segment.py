@@ -1,4 +1,4 @@
-"""cam.segment: grain masks segmented by OpenCV, and the synthetic stand-in's exact masks."""
+"""cam.study.segment: grain masks segmented by OpenCV, and the synthetic stand-in's exact masks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cam import segment, synthetic
+from cam.study import segment, synthetic
 
 
 def test_fill_holes_and_largest_component_by_hand():

@@ -1,10 +1,10 @@
-"""cam.shift against values worked out by hand on tiny arrays and tiny conv models."""
+"""cam.study.shift against values worked out by hand on tiny arrays and tiny conv models."""
 
 import keras
 import numpy as np
 import pytest
 
-from cam import shift
+from cam.study import shift
 
 
 def blob(size, row, col, sigma=2.0):

@@ -1,4 +1,4 @@
-"""cam.speed: the rows the speed study produces, their counts, extrapolation and memory sampling.
+"""cam.study.speed: the rows the speed study produces, their counts, extrapolation and memory sampling.
 
 Times are never asserted (they depend on the machine); what is asserted is that every method,
 mode and layer gets its row, with the right number of evaluations and an honest ``measured``.
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cam import speed
+from cam.study import speed
 from conftest import random_images
 
 

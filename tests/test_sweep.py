@@ -1,9 +1,9 @@
-"""cam.sweep.verdicts on a hand-made table."""
+"""cam.study.sweep.verdicts on a hand-made table."""
 
 import numpy as np
 import pandas as pd
 
-from cam import sweep
+from cam.study import sweep
 
 
 def test_verdicts_by_hand():

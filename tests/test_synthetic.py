@@ -1,4 +1,4 @@
-"""Tests for cam.synthetic: the synthetic pollen generator with ground-truth masks."""
+"""Tests for cam.study.synthetic: the synthetic pollen generator with ground-truth masks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cam.synthetic import (
+from cam.study.synthetic import (
     MIN_SIZE,
     SYNTHETIC_CLASSES,
     SyntheticSample,
@@ -244,8 +244,8 @@ def test_write_dataset_layout_and_dataframe(tmp_path: Path):
 
 
 def test_written_layout_is_read_by_the_polen23e_loader(tmp_path: Path):
-    """cam.data.list_images reads the class folders and skips masks/."""
-    from cam.data import list_images
+    """cam.study.data.list_images reads the class folders and skips masks/."""
+    from cam.study.data import list_images
 
     df = write_dataset(tmp_path, n_per_class=1, size=MIN_SIZE, seed=0)
     listed = list_images(tmp_path, classes=SYNTHETIC_CLASSES)

@@ -11,7 +11,7 @@ from keras import layers as L
 
 import cam
 from cam.graph import Split, TokenGrid
-from cam.vit import build_vit
+from cam.study.vit import build_vit
 from conftest import assert_rel_close, raw
 
 METHODS = {"gradcam": cam.GradCAM, "ablationcam": cam.AblationCAM,
@@ -101,7 +101,7 @@ def test_head_only_equals_full_model_on_a_vit(vits, class_token, method):
     full_maps = raw(full, x)
     assert np.abs(full_maps).max() > 0, "degenerate test: the oracle map is all zero"
     assert_rel_close(raw(head, x), full_maps)
-    np.testing.assert_array_equal(head.last_targets, full.last_targets)
+    np.testing.assert_array_equal(head.explain(x).targets, full.explain(x).targets)
 
 
 def test_fast_ablation_map_is_the_drop_of_each_token(vits):
@@ -110,8 +110,9 @@ def test_fast_ablation_map_is_the_drop_of_each_token(vits):
     x = images_for(model, n=1)
     explainer = cam.FastAblationCAM(model, "tokens")
     assert explainer.evaluations_per_image == 16  # 16 patches; the class token is not ablated
-    got = raw(explainer, x)[0]
-    target = int(explainer.last_targets[0])
+    result = explainer.explain(x, upsample=False, normalize=False)
+    got = result.raw[0]
+    target = int(result.targets[0])
     # Oracle by hand: the model rerun from the `tokens` output with one token set to zero.
     tokens = np.asarray(keras.Model(model.input, model.get_layer("tokens").output)(x))
     expected = np.zeros((4, 4), np.float32)
@@ -163,7 +164,7 @@ def test_threshold_reaches_the_explainer(vits):
 def test_candidates_and_table_include_token_layers(vits):
     names = dict(cam.candidate_layers(vits[True]))
     assert names["block0_norm1"] == (None, 17, 8) and names["patches"] == (None, 16, 8)
-    table = cam.layer_table(vits[True])
+    table = cam.layer_table(vits[True]).to_frame()
     row = table[table["layer"] == "block0_norm1"].iloc[0]
     assert row["grid"] == "4x4 +1 token" and row["head-only"]
     head, total = (int(v) for v in row["head layers"].split("/"))

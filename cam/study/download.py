@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m cam.download [--dest DIR] [--url URL] [--force]
+    python -m cam.study.download [--dest DIR] [--url URL] [--force]
 
 The archive is streamed to a temporary file, unpacked into a temporary folder next to the
 destination (refusing members with absolute paths, ``..`` or links), searched for image files
@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from cam.paths import POLEN23E_DEFAULT_DIR, POLEN23E_ENV
+from .paths import POLEN23E_DEFAULT_DIR, POLEN23E_ENV
 
 #: figshare article 1525086 holds POLEN23E (Gonçalves et al. 2016, PLOS ONE 11(6): e0157044).
 #: Source of the id: public POLEN23E download scripts on GitHub, found by code search, that fetch
@@ -440,7 +440,7 @@ def download_polen23e(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cam.download",
+        prog="python -m cam.study.download",
         description="Download POLEN23E (Gonçalves et al. 2016) into DIR/<class>/<file>.",
     )
     parser.add_argument(

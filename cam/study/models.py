@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import keras
 
+from .. import metrics
 from . import paths
 
 #: Keras' default BatchNormalization momentum (0.99) averages over ~100 steps. POLEN23E gives
@@ -152,7 +154,7 @@ def load_checkpoint(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.M
     if not weights.is_file() or not meta.is_file():
         raise FileNotFoundError(
             f"checkpoint {weights.name} (with {meta.name}) not found in {weights.parent}; "
-            f"train one with `make train` (python -m cam.train)"
+            f"train one with `make train` (python -m cam.study.train)"
         )
     record = json.loads(meta.read_text())
     actual = sha256_file(weights)
@@ -170,3 +172,38 @@ def load_checkpoint(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.M
         raise ValueError(f"architecture mismatch: checkpoint has {expected}, built {found}")
     model.load_weights(weights)
     return model, record
+
+
+# DenseNet layer names (keras.applications): "conv4_block12_1_conv", "pool3_conv", "conv1_conv".
+_DENSE_BLOCK = re.compile(r"^(conv\d+)_block(\d+)_")
+_STEM_OR_TRANSITION = re.compile(r"^(conv1|pool\d+)_")
+
+
+def randomisation_stages(model, block_group: int = 16) -> list[tuple[str, list[str]]]:
+    """The stages of the model-randomisation check (:func:`cam.metrics.randomisation_check`)
+    for a DenseNet: the classifier, then each dense block in chunks of ``block_group`` blocks,
+    top chunk first (``conv5 blocks 17-32``, ...); a transition (``poolN_*``) and the final
+    ``bn`` join the chunk just before them, and the stem is ``conv1``. Any other model gets
+    :func:`cam.metrics.randomisation_stages`' default (one stage per weighted layer)."""
+    if block_group < 1:
+        raise ValueError(f"block_group must be >= 1, got {block_group}")
+
+    def group(layer, previous):
+        dense, other = _DENSE_BLOCK.match(layer.name), _STEM_OR_TRANSITION.match(layer.name)
+        if dense:
+            return f"{dense[1]} blocks {(int(dense[2]) - 1) // block_group}"
+        if other and other[1] == "conv1":
+            return "conv1"
+        if (other or isinstance(layer, keras.layers.BatchNormalization)) and previous is not None:
+            return previous  # a transition or a BN belongs with what comes before it
+        return layer.name
+
+    stages = metrics.randomisation_stages(model, group)
+    return [(_stage_label(key, names), names) for key, names in stages]
+
+
+def _stage_label(key: str, names: list[str]) -> str:
+    blocks = sorted({int(m[2]) for n in names if (m := _DENSE_BLOCK.match(n))})
+    if blocks:
+        return f"{key.split()[0]} blocks {blocks[0]}-{blocks[-1]}"
+    return key

@@ -130,7 +130,7 @@ def train_vit(model: keras.Model, images: np.ndarray, labels: np.ndarray, epochs
               augment: bool = True, validation: tuple | None = None,
               verbose: int = 0) -> keras.callbacks.History:
     """Train ``model`` (logits out) with AdamW, a cosine schedule, label smoothing and the
-    project's flip/rotate/zoom/brightness augmentation (:func:`cam.train.training_dataset`).
+    project's flip/rotate/zoom/brightness augmentation (:func:`cam.study.train.training_dataset`).
 
     ``images`` are raw 0-255 pixels (N, H, W, C), ``labels`` int class indices (N,);
     ``augment=False`` (or a grayscale model) trains on the images as they are.
@@ -140,7 +140,7 @@ def train_vit(model: keras.Model, images: np.ndarray, labels: np.ndarray, epochs
     keras.utils.set_random_seed(seed)
     num_classes = model.output_shape[-1]
     one_hot = keras.utils.to_categorical(labels, num_classes).astype(np.float32)
-    # The augmentation, weight decay and label smoothing of cam.train's CNN training.
+    # The augmentation, weight decay and label smoothing of cam.study.train's CNN training.
     cfg = TrainConfig(batch_size=min(batch_size, len(images)), zoom=0.1, seed=seed)
     if not augment or images.shape[-1] != 3:  # the colour augmentation needs RGB
         from .train import tf

@@ -1,9 +1,9 @@
 """Run the study's notebooks in order with papermill: ``make reproduce``, ``make demo``, CI.
 
-    python -m cam.reproduce polen23e                  # the study: results/polen23e
-    python -m cam.reproduce synthetic                 # the offline demo: results/synthetic
-    python -m cam.reproduce polen23e --only 04 05     # some notebooks
-    python -m cam.reproduce synthetic --small --prepare-only --out build/ci-notebooks/synthetic
+    python -m cam.study.reproduce polen23e                  # the study: results/polen23e
+    python -m cam.study.reproduce synthetic                 # the offline demo: results/synthetic
+    python -m cam.study.reproduce polen23e --only 04 05     # some notebooks
+    python -m cam.study.reproduce synthetic --small --prepare-only --out build/ci-notebooks/synthetic
 
 Each notebook gets ``dataset`` and the parameters below that it declares (papermill would
 warn about the others), runs with a progress bar over its cells while its printed output
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -157,7 +158,9 @@ def run(dataset: str, out: Path, small: bool = False, prepare_only: bool = False
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cam.reproduce",
+    # The notebook kernels inherit this: TensorFlow's C++ start-up notices stay out of outputs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(prog="python -m cam.study.reproduce",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", choices=sorted(STUDY))
     parser.add_argument("--out", type=Path, help="results folder (default results/<dataset>)")

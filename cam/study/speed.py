@@ -38,8 +38,8 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from .explainers import AblationCAM, FastAblationCAM, GradCAM
-from .graph import candidate_layers
+from ..methods import AblationCAM, FastAblationCAM, GradCAM
+from ..graph import candidate_layers
 
 #: The study's layers on DenseNet-169: the final feature map, and internal conv4 and conv3 ones.
 DENSENET_LAYERS = ("relu", "conv4_block32_concat", "conv3_block12_concat")

@@ -16,9 +16,9 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from . import maps as M
-from . import metrics
-from .explainers import AblationCAM, FastAblationCAM, GradCAM
+from .. import maps as M
+from .. import metrics
+from ..methods import AblationCAM, FastAblationCAM, GradCAM
 
 
 def _warm_up(explainer, images, targets) -> None:
@@ -36,11 +36,11 @@ def _warm_up(explainer, images, targets) -> None:
                              int(targets[0]), masks)
 
 
-def _timed(explainer, images, targets) -> tuple[np.ndarray, float]:
+def _timed(explainer, images, targets):
     _warm_up(explainer, images, targets)
     start = time.perf_counter()
-    raw = explainer(images, targets=targets, upsample=False, normalize=False)
-    return raw, (time.perf_counter() - start) / len(images)
+    result = explainer.explain(images, targets=targets, upsample=False, normalize=False)
+    return result, (time.perf_counter() - start) / len(images)
 
 
 def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few: int = 2,
@@ -91,8 +91,9 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
             n = len(images) if max(grid[:2]) <= ablation_grid else min(few, len(images))
         else:
             n = len(images) if evaluations <= max_evaluations else min(few, len(images))
-        raw, seconds = _timed(explainer, images[:n], targets[:n])
-        scores = explainer.last_scores[np.arange(n), targets[:n]]
+        result, seconds = _timed(explainer, images[:n], targets[:n])
+        raw = result.raw
+        scores = result.scores[np.arange(n), targets[:n]]
         if method != "FastAblationCAM":
             reference[layer, method] = raw
         key = (layer, method, window if method == "FastAblationCAM" else "")

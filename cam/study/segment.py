@@ -5,7 +5,7 @@ background, so a classical segmentation is enough for the localisation metrics
 (:func:`cam.metrics.pointing_game`, :func:`cam.metrics.energy_in_mask`):
 :func:`grain_masks` thresholds each pixel's colour distance from the background (Otsu),
 closes the grain's outline, fills it, and keeps the largest component. The synthetic stand-in
-was drawn with exact masks (:mod:`cam.synthetic`); :func:`synthetic_masks` reads them.
+was drawn with exact masks (:mod:`cam.study.synthetic`); :func:`synthetic_masks` reads them.
 """
 
 from __future__ import annotations
@@ -102,14 +102,14 @@ def grain_masks(images, progress: bool = False, **kwargs) -> np.ndarray:
 
 
 def synthetic_mask_path(root: str | Path, file: str, kind: str = "grain") -> Path:
-    """Where :func:`cam.synthetic.write_dataset` put the ``kind`` mask of image ``file``
+    """Where :func:`cam.study.synthetic.write_dataset` put the ``kind`` mask of image ``file``
     (``<class>/<stem>.png`` -> ``masks/<stem>_<kind>.png``)."""
     return Path(root) / synthetic.mask_file(file, kind)
 
 
 def synthetic_masks(root: str | Path, files, size: int, kind: str = "grain") -> np.ndarray:
     """The exact masks of synthetic images ``files`` (paths relative to ``root``, as in the
-    fold table), resized to ``size`` like the images (:func:`cam.data.load_images`; the
+    fold table), resized to ``size`` like the images (:func:`cam.study.data.load_images`; the
     synthetic images are square, so only resized) with area interpolation and a 50%
     threshold; bool (N, size, size)."""
     files = list(files)
@@ -119,7 +119,7 @@ def synthetic_masks(root: str | Path, files, size: int, kind: str = "grain") -> 
         mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise FileNotFoundError(f"no {kind} mask for {file}: {path} is missing or unreadable "
-                                    f"(masks are written by cam.synthetic.write_dataset)")
+                                    f"(masks are written by cam.study.synthetic.write_dataset)")
         if mask.shape[0] != mask.shape[1]:
             raise ValueError(f"{path} is {mask.shape[1]}x{mask.shape[0]}; synthetic masks are square")
         interpolation = cv2.INTER_AREA if mask.shape[0] > size else cv2.INTER_LINEAR

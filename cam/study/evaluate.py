@@ -1,6 +1,6 @@
 """Scoring a classifier on its held-out fold: predictions, per-class table, confusion matrix,
 training curves (used by notebooks/02-train-or-load), and the recorded sample of held-out
-predictions that the checkpoint test replays (``python -m cam.evaluate``)."""
+predictions that the checkpoint test replays (``python -m cam.study.evaluate``)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m cam.evaluate",
+        prog="python -m cam.study.evaluate",
         description="Record a checkpoint's predictions on a fixed held-out sample in its JSON.")
     parser.add_argument("--stem", default=CHECKPOINT_STEM)
     args = parser.parse_args(argv)

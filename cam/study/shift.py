@@ -16,8 +16,8 @@ import keras
 import numpy as np
 from scipy import ndimage, signal
 
-from . import maps as M
-from .graph import Split, _needed
+from .. import maps as M
+from ..graph import Split, needed_calls
 
 #: Upsampling conventions compared in notebook 07.
 UPSAMPLING = ("half-pixel", "align-corners", "nearest")
@@ -166,7 +166,7 @@ def receptive_field(model: keras.Model, layer: str) -> ReceptiveField:
         raise ValueError("receptive_field needs a model built at a fixed image size "
                          "(image_size=None leaves the grid sizes unknown)")
     geometry = {graph.input_keys[0]: ((0.0, 0.0), (1.0, 1.0), (1.0, 1.0))}  # centre, jump, size
-    for call in _needed(split.trunk_calls, {split.target}):
+    for call in needed_calls(split.trunk_calls, {split.target}):
         op = call.operation
         ins = [geometry[k] for k in call.arg_keys if k in geometry]
         if not ins:
@@ -255,7 +255,7 @@ def normalise(maps, how: str = "relu-max") -> np.ndarray:
 def last_conv_layer(model: keras.Model) -> str:
     """The layer an automatic Grad-CAM layer picker chooses: the last convolution with a 4-D
     output (tf-keras-vis' ``seek_penultimate_conv_layer``), by its candidate name."""
-    from .graph import LayerGraph
+    from ..graph import LayerGraph
 
     graph = LayerGraph.from_model(model)
     names = {graph.short_name(c.name): c for c in graph.calls}
@@ -274,7 +274,7 @@ def summarise_offsets(offsets, confidence: float = 0.95, resamples: int = 2000,
     counted. Returns a flat dict: ``images``, ``undefined``, and for ``rows``, ``cols`` and
     ``length`` the mean, ``low`` and ``high``.
     """
-    from .metrics import bootstrap_ci
+    from ..metrics import bootstrap_ci
 
     offsets = np.asarray(offsets, dtype=np.float64)
     if offsets.ndim != 2 or offsets.shape[1] != 2:

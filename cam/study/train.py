@@ -2,11 +2,11 @@
 
 The recipe, chosen for 644 training images and a 2-core CPU:
 
-* images decoded once (by content, see :mod:`cam.data`) and cached as uint8 arrays;
+* images decoded once (by content, see :mod:`cam.study.data`) and cached as uint8 arrays;
 * augmentation for microscope slides, where orientation means nothing: flips, 90-degree
   rotations, a small zoom, brightness and contrast;
 * AdamW with a linear warm-up and cosine decay, label smoothing;
-* BatchNormalization momentum 0.9 (see :data:`cam.models.BN_MOMENTUM`);
+* BatchNormalization momentum 0.9 (see :data:`cam.study.models.BN_MOMENTUM`);
 * training at a lower resolution than the 224 px the saliency study uses, then the
   BatchNorm statistics re-estimated at 224 px on the training images ("FixRes"-style: the
   objects look larger at 224 px, and the statistics of every layer shift with them).
@@ -36,7 +36,7 @@ from .models import ARCHITECTURES, CHECKPOINT_STEM
 
 @dataclass
 class TrainConfig:
-    architecture: str = "densenet169"  # a key of cam.models.ARCHITECTURES
+    architecture: str = "densenet169"  # a key of cam.study.models.ARCHITECTURES
     held_out_fold: int = 0
     train_size: int = 160
     eval_size: int = 224
@@ -158,7 +158,7 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
           out_stem: str | None = None, out_dir: Path = paths.MODELS_DIR):
     """Train on every fold but ``cfg.held_out_fold``; return (model, history, summary).
 
-    With ``out_stem`` the final weights are saved as a checkpoint (:func:`cam.models.save_checkpoint`).
+    With ``out_stem`` the final weights are saved as a checkpoint (:func:`cam.study.models.save_checkpoint`).
     """
     from .models import save_checkpoint
 
@@ -246,7 +246,7 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cam.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cam.study.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():

@@ -18,10 +18,11 @@ import pandas as pd
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import pdist, squareform
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
+from ..images import ImageError, read_rgb, square_resize  # noqa: F401  (re-exported)
 from . import paths
 from .download import IMAGE_EXTENSIONS, class_from_name
 
@@ -88,26 +89,6 @@ def list_images(root: str | Path, classes: tuple[str, ...] | None = None) -> pd.
     return frame.sort_values(["label", "file"], ignore_index=True)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image by its content (JPEG, TIFF, PNG ... whatever its name says) to RGB uint8."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit greyscale: scale to 8 bits (Pillow's RGB conversion would clip it)
-                wide = np.asarray(img, dtype=np.float64)
-                gray = np.round(wide * 255.0 / max(wide.max(), 1.0)).astype(np.uint8)
-                array = np.repeat(gray[..., None], 3, axis=-1)
-            else:
-                array = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"cannot decode {path}: {err}") from err
-    if array.size == 0 or min(array.shape[:2]) < 2:
-        raise DatasetError(f"{path} decodes to an empty image of shape {array.shape}")
-    return array
-
-
 def image_sizes(root: str | Path, files) -> pd.DataFrame:
     """Width and height of each file, read from its header (no decoding)."""
     root = Path(root)
@@ -116,24 +97,6 @@ def image_sizes(root: str | Path, files) -> pd.DataFrame:
         with Image.open(root / rel) as img:
             sizes.append(img.size)
     return pd.DataFrame(sizes, columns=["width", "height"])
-
-
-def square_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Pad an image to a square with its median border colour, then resize to ``size``.
-
-    Padding keeps the grain's aspect ratio (a plain resize would squash oblong grains); the
-    median border colour is the slide background in these microscope images.
-    """
-    h, w = image.shape[:2]
-    side = max(h, w)
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    fill = np.median(border, axis=0).astype(image.dtype).tolist()
-    top, left = (side - h) // 2, (side - w) // 2
-    padded = cv2.copyMakeBorder(
-        image, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=fill
-    )
-    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(padded, (size, size), interpolation=interpolation)
 
 
 def load_images(root: str | Path, files, size: int, progress: bool = True) -> np.ndarray:
@@ -150,7 +113,7 @@ def load_images(root: str | Path, files, size: int, progress: bool = True) -> np
                                  disable=not progress, leave=False)):
         try:
             out[i] = square_resize(read_rgb(root / rel), size)
-        except DatasetError as err:
+        except ImageError as err:
             bad.append(str(err))
     if bad:
         raise DatasetError(f"{len(bad)} of {len(files)} images could not be read:\n  " + "\n  ".join(bad))
@@ -177,7 +140,7 @@ def duplicate_groups(root: str | Path, files, max_distance: int = NEAR_DUPLICATE
     for rel in tqdm(files, desc="hashing images for duplicates", disable=not progress, leave=False):
         try:
             image = read_rgb(root / rel)
-        except DatasetError as err:
+        except ImageError as err:
             bad.append(str(err))
             continue
         digests.append(pixel_digest(image))
@@ -222,7 +185,7 @@ def read_fold_table(path: str | Path = paths.POLEN23E_FOLDS_CSV) -> pd.DataFrame
     """Read the committed split (``data/polen23e-folds.csv``)."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"fold table {path} is missing; rebuild it with `python -m cam.data folds`")
+        raise DatasetError(f"fold table {path} is missing; rebuild it with `python -m cam.study.data folds`")
     return pd.read_csv(path, keep_default_na=False)
 
 
@@ -240,7 +203,7 @@ def polen23e_root() -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m cam.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m cam.study.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     folds = sub.add_parser("folds", help="rebuild data/polen23e-folds.csv from the images")
     folds.add_argument("--root", type=Path, default=None, help="dataset folder (default: $POLEN23E_DIR)")
