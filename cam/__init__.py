@@ -26,6 +26,9 @@ METHODS = {
     "xgradcam": "XGradCAM",
     "layercam": "LayerCAM",
     "hirescam": "HiResCAM",
+    "reciprocam": "ReciproCAM",
+    "occlusion": "Occlusion",
+    "scorecam": "ScoreCAM",
 }
 
 

@@ -12,8 +12,8 @@ A method is a short class in :mod:`cam.methods` on one of two templates, registe
 * :class:`GradientExplainer`: implement :meth:`~GradientExplainer.channel_weights`, which turns
   the target activation A and the gradient dy/dA into weights; the map is sum_k w_k A_k.
 * :class:`AblationExplainer`: implement :meth:`~AblationExplainer.masks` (which cells or
-  channels each ablation sets to ``ablation_value``) and :meth:`~AblationExplainer.combine`
-  (how the ablated scores become a map).
+  channels each ablation sets to ``ablation_value``, or with float masks how much of each
+  cell) and :meth:`~AblationExplainer.combine` (how the ablated scores become a map).
 
 The model is split once at the target layer (:class:`cam.graph.Split`). The trunk runs once
 per image; Grad-CAM back-propagates through the head only, and the ablation methods push
@@ -293,7 +293,12 @@ class AblationExplainer(Explainer):
         self._score_full = tf.function(self._score_full_eager, reduce_retracing=True)
 
     def _ablate(self, activation, mask):
-        return tf.where(mask, tf.cast(self.ablation_value, activation.dtype), activation)
+        value = tf.cast(self.ablation_value, activation.dtype)
+        if mask.dtype == tf.bool:  # the exact path: ablated cells are set, the rest untouched
+            return tf.where(mask, value, activation)
+        # a fraction m in [0, 1] ablated: A (1 - m) + value m (m = 0 and 1 give A and value)
+        mask = tf.cast(mask, activation.dtype)
+        return activation * (1 - mask) + value * mask
 
     def _score_head_eager(self, activation, bypass, mask, target):
         # activation (1, h, w, C) and bypass (1, ...) of one image; mask (N, h|1, w|1, C|1).
@@ -308,8 +313,15 @@ class AblationExplainer(Explainer):
         return self.split.full(images, replace=lambda t: self._ablate(t, mask))[:, target]
 
     def masks(self, grid_shape: tuple) -> np.ndarray:
-        """The hook: boolean masks (N, h|1, w|1, C|1), one per ablation, broadcastable
-        against the target's (h, w, C) grid; True cells are set to ``ablation_value``."""
+        """The hook: masks (N, h|1, w|1, C|1), one per ablation, broadcastable against the
+        target's (h, w, C) grid.
+
+        Boolean masks set their True cells to ``ablation_value`` and leave the others exactly
+        as they are. Float masks give the fraction of each cell that is ablated, m in [0, 1]:
+        the activation becomes A (1 - m) + ablation_value m, so m = 1 is a True cell, m = 0 a
+        False one, and with ``ablation_value=0`` the activation is scaled by the keep weight
+        1 - m (ReciproCAM's Gaussian-spread masks).
+        """
         raise NotImplementedError
 
     def combine(self, activation: np.ndarray, scores: np.ndarray, ablated: np.ndarray,
@@ -331,11 +343,20 @@ class AblationExplainer(Explainer):
         return len(self.masks(tuple(grid_shape)))
 
     def mask_batches(self, masks: np.ndarray) -> list:
-        """Masks cut into equal batches (the last padded with masks that ablate nothing, so
-        the compiled function never sees a new shape), as tensors made once per call."""
+        """Masks cut into equal batches (the last padded with masks that ablate nothing,
+        False or 0.0, so the compiled function never sees a new shape), as tensors made once
+        per call. Float masks are checked to lie in [0, 1] and passed as float32."""
+        masks = np.asarray(masks)
+        if masks.dtype != bool:
+            if not np.issubdtype(masks.dtype, np.floating):
+                raise TypeError(f"masks must be boolean or float, got dtype {masks.dtype}")
+            if not ((masks >= 0) & (masks <= 1)).all():  # also refuses NaN
+                raise ValueError("float masks are the fraction of each cell ablated and must "
+                                 "lie in [0, 1]")
+            masks = masks.astype(np.float32, copy=False)
         size = min(self.batch_size, len(masks))  # no padding when one batch holds every mask
         pad = -len(masks) % size
-        padded = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], bool)])
+        padded = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], masks.dtype)])
         return [tf.constant(padded[i:i + size]) for i in range(0, len(padded), size)]
 
     def ablated_scores(self, image, activation, bypass, target: int, masks) -> np.ndarray:

@@ -115,6 +115,82 @@ def spread_window_drops(drops: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
+def scorecam_masks(activation: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Score-CAM's masks H^k for one image (Wang et al., CVPR Workshops 2020, Sec. 3):
+    each channel of ``activation`` (h, w, K) upsampled bilinearly to ``size`` (H, W) as
+    :func:`upsample_maps` does, then min-max normalised to [0, 1],
+    H^k = (U^k - min U^k) / (max U^k - min U^k). A constant channel (nothing to normalise)
+    becomes all zeros. Returns (K, H, W) float32."""
+    a = np.asarray(activation, dtype=np.float32)
+    if a.ndim != 3:
+        raise ValueError(f"activation must be (h, w, channels), got shape {a.shape}")
+    up = upsample_maps(np.moveaxis(a, -1, 0), size)  # (K, H, W)
+    flat = up.reshape(len(up), -1)
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    grid = a.reshape(-1, a.shape[-1])
+    constant = (high <= low) | (grid.min(axis=0) == grid.max(axis=0))
+    span = np.where(constant, 1, high - low).astype(np.float32)
+    masks = (up - low[:, None, None]) / span[:, None, None]
+    masks[constant] = 0
+    return masks.astype(np.float32, copy=False)
+
+
+def top_variance_channels(activation: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` channels of ``activation`` (h, w, C) whose values vary most over
+    the grid (largest variance first; among equal variances the lower index first): the
+    channel selection of Faster Score-CAM."""
+    a = np.asarray(activation, dtype=np.float64)
+    if a.ndim != 3:
+        raise ValueError(f"activation must be (h, w, channels), got shape {a.shape}")
+    if not 1 <= n <= a.shape[-1]:
+        raise ValueError(f"n must be between 1 and {a.shape[-1]} (the channels), got {n}")
+    variance = a.reshape(-1, a.shape[-1]).var(axis=0)
+    return np.argsort(-variance, kind="stable")[:n]
+
+
+def scorecam_weights(scores: np.ndarray) -> np.ndarray:
+    """Score-CAM channel weights from the class scores of the masked images, (..., K) ->
+    (..., K): a softmax over the channels (the last axis), as in the paper's Algorithm 1,
+    which applies it to the increases of confidence f(X o H^k) - f(X_b). The baseline score
+    f(X_b) is the same for every channel and a softmax ignores a common shift, so the
+    weights need only the masked scores."""
+    s = np.asarray(scores, dtype=np.float64)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+#: ReciproCAM's 3x3 Gaussian keep weights: 1/4 at the kept cell, 1/8 at its four edge
+#: neighbours, 1/16 at its four corner neighbours (the authors' reference implementation).
+GAUSSIAN_KEEP = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float64) / 16
+
+
+def keep_weights(grid: tuple[int, int], gaussian: bool = False) -> np.ndarray:
+    """ReciproCAM's spatial masks G: one (h, w) keep-weight map per kept cell, (h*w, h, w).
+
+    Mask n = i*w + j (row-major) keeps cell (i, j): one-hot, G[n, i, j] = 1 and 0 elsewhere;
+    with ``gaussian`` the 3x3 :data:`GAUSSIAN_KEEP` kernel centred on (i, j) instead,
+    truncated at the grid border and not renormalised (the full kernel sums to 1, the part
+    left at a corner of the grid to 1/4 + 2/8 + 1/16 = 9/16), as the reference
+    implementation does.
+    """
+    h, w = (int(d) for d in grid)
+    if h < 1 or w < 1:
+        raise ValueError(f"grid must be (h, w) with h, w >= 1, got {grid!r}")
+    kernel = GAUSSIAN_KEEP if gaussian else np.pad([[1.0]], 1)
+    padded = np.zeros((h * w, h + 2, w + 2))
+    for n, (i, j) in enumerate((i, j) for i in range(h) for j in range(w)):
+        padded[n, i:i + 3, j:j + 3] = kernel  # centred on padded (i + 1, j + 1)
+    return padded[:, 1:-1, 1:-1].astype(np.float32)
+
+
+def keep_masks(grid: tuple[int, int], gaussian: bool = False) -> np.ndarray:
+    """ReciproCAM's masks as float ablation amounts 1 - G, (h*w, h, w) in [0, 1]: what the
+    ablation template sets to ``ablation_value`` (see :func:`keep_weights` for G). With
+    ``ablation_value=0`` the masked activation is A * G: cell (i, j) kept (or spread by the
+    Gaussian), every other cell zeroed."""
+    return (1 - keep_weights(grid, gaussian)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Quantile:
     """A threshold given as a quantile of each map's own values: ``Quantile(0.8)`` keeps the

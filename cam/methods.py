@@ -6,10 +6,15 @@ command line, :func:`cam.explain` and ``cam.__all__`` pick it up from there.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
 
 from . import maps as M
-from .explainers import AblationExplainer, GradientExplainer
+from .explainers import AblationExplainer, Explainer, GradientExplainer
+from .graph import LayerGraph, Split
 
 
 class GradCAM(GradientExplainer):
@@ -133,3 +138,313 @@ class HiResCAM(GradientExplainer):
 
     def channel_weights(self, activation, gradients):
         return gradients
+
+
+# --------------------------------------------------------------------------- perturbation
+# Methods that perturb the input image and score every perturbed copy with the whole model.
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_batch_size(batch_size) -> int:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _fixed_batches(array: np.ndarray, batch_size: int) -> list:
+    """``array`` cut into equal batches of tensors, the last padded with zeros (no occlusion,
+    an all-zero mask), so the compiled scoring function sees one shape per call."""
+    size = min(batch_size, len(array))  # no padding when one batch holds everything
+    padded = _padded(array, size)
+    return [tf.constant(padded[i:i + size]) for i in range(0, len(padded), size)]
+
+
+def _padded(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` with zeros appended to make its length a multiple of ``size``."""
+    pad = -len(array) % size
+    return np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)])
+
+
+class _InputTarget(LayerGraph):
+    """A model's layer graph whose target is the model input itself: the :class:`Split` it
+    gives has the identity as its trunk and the whole model as its head."""
+
+    def resolve(self, layer):
+        return "input", self.input_keys[0]
+
+
+class Occlusion(Explainer):
+    """Occlusion (Zeiler & Fergus, ECCV 2014, Sec. 4.2): the score drop when a patch of the
+    input image is hidden.
+
+    A ``window`` x ``window`` patch of pixels (every channel) is set to ``baseline``; patches
+    step by ``stride`` (default ``window``), the last one in each direction shifted back to end
+    at the image's edge, and each pixel gets the mean score drop y - y_occluded of the patches
+    that cover it. Every occluded image goes through the whole model, in fixed-size batches of
+    ``batch_size``. About (H / stride) * (W / stride) evaluations per image
+    (:attr:`evaluations_per_image`).
+
+    The map is on the input's grid: ``upsample=False`` returns (B, H, W) maps, and
+    ``Explanation.layer`` is ``"input"``.
+
+    Parameters
+    ----------
+    window : None or int
+        Side of the square patch in pixels. None (the default) picks the shorter image side
+        divided by 14, at least 1: 16 pixels at 224 x 224, a 14 x 14 grid of patches.
+    stride : None or int
+        Step between patches, 1..window (None: ``window``, non-overlapping patches).
+    baseline : float or sequence of floats
+        What hidden pixels are set to, in the units of the model's input (one number, or one
+        per input channel): 0 is black for a model that takes raw pixels and rescales inside,
+        the dataset mean is a grey patch for a model that takes mean-subtracted input.
+    layer, mode, reshape
+        Accepted so every method is built the same way and checked as for every method (the
+        base class splits the model at ``layer``, so the model needs one layer with a spatial
+        grid), but not used: the occlusion perturbs pixels and always runs the whole model.
+    """
+
+    name = "Occlusion"
+    #: With ``window=None`` the patch is the shorter image side divided by this (16 at 224).
+    PATCHES_PER_SIDE = 14
+
+    def __init__(self, model, layer=None, window=None, stride=None, baseline=0.0,
+                 score="logit", batch_size=64, mode="head", reshape=None):
+        super().__init__(model, layer, score, mode, reshape)
+        # Explain on the input: the trunk is the identity and the head the whole model.
+        graph = self.split.graph
+        self.split = Split(model, None, score,
+                           graph=_InputTarget(**{f.name: getattr(graph, f.name)
+                                                 for f in fields(graph)}))
+        self.layer = self.split.layer
+        self.batch_size = _check_batch_size(batch_size)
+        if window is not None and (not _is_int(window) or window < 1):
+            raise ValueError(f"window must be None (automatic) or an int >= 1, got {window!r}")
+        if stride is not None and (not _is_int(stride) or stride < 1
+                                   or window is not None and stride > window):
+            bound = "window" if window is None else f"window ({window})"
+            raise ValueError(f"stride must be None or an int between 1 and {bound} so that "
+                             f"every pixel is occluded at least once, got {stride!r}")
+        self.window = None if window is None else int(window)
+        self.stride = None if stride is None else int(stride)
+        channels = self.split.graph.input_specs[0].shape[-1]
+        self.baseline = self._check_baseline(baseline, channels)
+        size = tuple(self.split.graph.input_specs[0].shape[1:3])
+        if None not in size:
+            self.geometry(size)  # a window that cannot fit the model's input fails here
+        # a fresh closure per explainer, as in the base class (one retracing counter each)
+        self._occluded = tf.function(lambda *args: self._occluded_eager(*args),
+                                     reduce_retracing=True)
+
+    @staticmethod
+    def _check_baseline(baseline, channels):
+        wanted = (f"a finite number or {channels} finite numbers (one per input channel)"
+                  if channels is not None else "a finite number or one per input channel")
+        try:
+            if isinstance(baseline, (str, bytes, bool)):
+                raise TypeError
+            value = np.asarray(baseline, dtype=np.float64)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value.ndim > 1 or not np.isfinite(value).all() or (
+                value.ndim == 1 and (len(value) == 0 or channels is not None
+                                     and len(value) != channels)):
+            raise ValueError(f"baseline must be {wanted}, got {baseline!r}")
+        return float(value) if value.ndim == 0 else tuple(float(v) for v in value)
+
+    def __repr__(self) -> str:
+        return (f"{super().__repr__()[:-1]}, window={self.window!r}, stride={self.stride!r}, "
+                f"baseline={self.baseline!r})")
+
+    def geometry(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(window, stride) in pixels for images of ``size`` (H, W)."""
+        h, w = size
+        window = self.window if self.window is not None else \
+            max(1, min(h, w) // self.PATCHES_PER_SIDE)
+        if window > min(h, w):
+            raise ValueError(f"window {window} is larger than the {h}x{w} input images; use "
+                             f"1..{min(h, w)}")
+        stride = window if self.stride is None else self.stride
+        if stride > window:
+            raise ValueError(f"stride must be between 1 and window ({window}) so that every "
+                             f"pixel is occluded at least once, got {stride}")
+        return window, stride
+
+    def masks(self, size: tuple[int, int]) -> np.ndarray:
+        """One boolean (H, W) mask per occluded patch, (N, H, W); True pixels are occluded."""
+        return M.window_masks(tuple(size), *self.geometry(size))
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Occluded images scored per image (whole-model passes)."""
+        return self.evaluations(tuple(self.split.graph.input_specs[0].shape[1:3]))
+
+    def evaluations(self, size: tuple[int, int]) -> int:
+        """Occlusions per image for images of ``size`` (H, W)."""
+        if any(d is None for d in size):
+            raise ValueError(f"model {self.model.name!r} takes images of any size, so the number "
+                             f"of occlusions depends on the image size; call "
+                             f"evaluations((H, W)) with a known size")
+        h, w = size
+        window, stride = self.geometry(size)
+        return len(M.window_starts(h, window, stride)) * len(M.window_starts(w, window, stride))
+
+    def _occluded_eager(self, image, masks, baseline, target):
+        # image (1, H, W, C); masks (n, H, W) bool; baseline () or (C,)
+        occluded = tf.where(masks[..., None], tf.cast(baseline, image.dtype), image)
+        return tf.gather(self.split.full(occluded), target, axis=1)
+
+    def raw_maps(self, images, activation, bypass, targets, scores):
+        masks = self.masks(images.shape[1:3])
+        batches = _fixed_batches(masks, self.batch_size)
+        baseline = tf.constant(self.baseline, tf.float32)
+        drops = []
+        for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} occlusions/image)",
+                      leave=False, disable=len(images) < 2):
+            image, target = tf.constant(images[i:i + 1]), tf.constant(int(targets[i]))
+            occluded = tf.concat([self._occluded(image, b, baseline, target) for b in batches],
+                                 0).numpy()[:len(masks)]
+            drops.append(scores[i] - occluded)
+        return M.spread_window_drops(np.stack(drops), masks)
+
+
+class ScoreCAM(Explainer):
+    """Score-CAM (Wang et al., CVPR Workshops 2020, Algorithm 1): channels weighted by the
+    class score of the image masked with them.
+
+    Each channel A_k of the target layer is upsampled bilinearly to the image size
+    (pixel-centre aligned, :func:`cam.maps.upsample_maps`) and min-max normalised to a mask
+    H_k in [0, 1] (a constant channel gives an all-zero mask); the image times H_k goes
+    through the whole model, in fixed-size batches of ``batch_size``, and its class score s_k
+    is channel k's evidence. As in the paper's Algorithm 1, the weights are a softmax over
+    the channels, w = softmax_k(s_k) (the paper subtracts the score of a baseline image first,
+    the same for every channel, which a softmax ignores); the map is sum_k w_k A_k, and
+    normalising applies the paper's ReLU. C evaluations per image, or ``channels``.
+
+    ``score`` is the library's default, the logit, unless ``score="probability"``. The
+    paper's score f is the model's softmax output; the authors' code (haofanwang/Score-CAM)
+    takes the probability of the masked image as the weight directly, with no softmax over
+    channels, while pytorch-grad-cam applies the channel softmax to the logit, as this class
+    does by default. Probabilities lie in [0, 1], so their channel softmax gives nearly even
+    weights (exp(p) is between 1 and e); the logits keep the channels apart.
+
+    Parameters
+    ----------
+    channels : None or int
+        None uses every channel. An int N keeps, per image, only the N channels whose
+        activation varies most over the grid (largest spatial variance, as Faster Score-CAM
+        does); the others get weight 0 and the softmax runs over the N kept channels.
+        :attr:`channels_used` and ``repr`` state it.
+    mode : "head" or "full"
+        Checked as for every method; the masked images always run through the whole model
+        (``"full"`` takes the unmasked scores from the whole model as well).
+    """
+
+    name = "Score-CAM"
+
+    def __init__(self, model, layer=None, score="logit", batch_size=64, channels=None,
+                 mode="head", reshape=None):
+        super().__init__(model, layer, score, mode, reshape)
+        self.batch_size = _check_batch_size(batch_size)
+        total = self.split.target_shape[-1]
+        if channels is not None and (not _is_int(channels) or channels < 1
+                                     or total is not None and channels > total):
+            raise ValueError(f"channels must be None (every channel) or an int between 1 and "
+                             f"{total} (layer {self.layer!r} has {total} channels), "
+                             f"got {channels!r}")
+        self.channels = None if channels is None else int(channels)
+        self._masked = tf.function(lambda *args: self._masked_eager(*args),
+                                   reduce_retracing=True)
+
+    @property
+    def channels_used(self) -> int:
+        """Channels scored per image: ``channels``, or every channel of the target layer."""
+        return self.channels if self.channels is not None else self.split.target_shape[-1]
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Masked images scored per image (whole-model passes): one per channel used."""
+        return self.channels_used
+
+    def __repr__(self) -> str:
+        return (f"{super().__repr__()[:-1]}, channels={self.channels_used} of "
+                f"{self.split.target_shape[-1]})")
+
+    def selected_channels(self, activation: np.ndarray) -> np.ndarray:
+        """Indices of the channels scored for one image's activation (h, w, C)."""
+        if self.channels is None:
+            return np.arange(activation.shape[-1])
+        return M.top_variance_channels(activation, self.channels)
+
+    def _masked_eager(self, image, masks, target):
+        # image (1, H, W, C); masks (n, H, W) in [0, 1]
+        return tf.gather(self.split.full(image * masks[..., None]), target, axis=1)
+
+    def raw_maps(self, images, activation, bypass, targets, scores):
+        activation = activation.numpy()
+        size = images.shape[1:3]
+        weights = np.zeros((len(images), activation.shape[-1]), np.float32)
+        for i in tqdm(range(len(images)),
+                      desc=f"{self.name} ({self.channels_used} masks/image)", leave=False,
+                      disable=len(images) < 2):
+            chosen = self.selected_channels(activation[i])
+            step = min(self.batch_size, len(chosen))
+            image, target = tf.constant(images[i:i + 1]), tf.constant(int(targets[i]))
+            masked = []
+            for start in range(0, len(chosen), step):
+                # Masks are made one batch at a time: C full-size masks may not fit in memory.
+                masks = M.scorecam_masks(activation[i][..., chosen[start:start + step]], size)
+                masked.append(self._masked(image, tf.constant(_padded(masks, step)), target))
+            weights[i, chosen] = M.scorecam_weights(tf.concat(masked, 0).numpy()[:len(chosen)])
+        return M.weighted_channel_sum(activation, weights)
+
+
+class ReciproCAM(AblationExplainer):
+    """ReciproCAM (Byun & Lee, "ReciproCAM: Lightweight Gradient-free Class Activation Map for
+    Post-hoc Explanations", CVPR Workshops 2024; arXiv 2209.14074): keep one cell, drop the
+    rest.
+
+    The complement of FastAblationCAM's ``window=1``: for every cell (i, j) of the target's
+    h x w grid the head is run on the spatially masked activation A * G_ij (element-wise,
+    over all channels), which keeps cell (i, j) and sets every other cell to
+    ``ablation_value`` (0, as in the paper); the map at (i, j) is the class score of that
+    masked activation, y_c(A * G_ij).
+    G_ij is one-hot at (i, j), or with ``gaussian=True`` the 3x3 Gaussian 1/4 (the cell),
+    1/8 (edge neighbours), 1/16 (corner neighbours) centred on it, truncated at the grid
+    border (:func:`cam.maps.keep_weights`); in general the activation becomes
+    A G_ij + ablation_value (1 - G_ij). h * w evaluations of the head per image, in batches
+    of ``batch_size``.
+
+    Choices against the paper and the authors' reference implementation: the score follows
+    the explainer's ``score``, the logit by default, where the paper takes the softmax
+    probability (``score="probability"``); and the map is normalised like every method here
+    (ReLU, then divide by the maximum), where the paper min-max normalises each map,
+    (m - min m) / (max m - min m): pass ``threshold="q0"`` (each map's own minimum as the
+    level) to get exactly that. The raw map (``normalize=False``) is the score per kept cell.
+
+    On a token layer (a ViT) a cell is a patch token: each masked copy keeps one patch token
+    (or its Gaussian neighbourhood on the patch grid) and zeroes the other patches, while the
+    carried tokens (a class token, register tokens) pass unchanged and are never masked. That
+    is the setting of ViT-ReciproCAM (Byun & Lee, arXiv 2310.02588), whose reference
+    implementation keeps the class token in every masked copy by default.
+    """
+
+    name = "ReciproCAM"
+
+    def __init__(self, model, layer=None, score="logit", gaussian=False, batch_size=64,
+                 ablation_value=0.0, mode="head", reshape=None):
+        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape)
+        if not isinstance(gaussian, (bool, np.bool_)):
+            raise ValueError(f"gaussian must be True or False, got {gaussian!r}")
+        self.gaussian = bool(gaussian)
+
+    def masks(self, grid_shape):
+        h, w = grid_shape[:2]
+        return M.keep_masks((h, w), self.gaussian)[..., None]
+
+    def combine(self, activation, scores, ablated, masks):
+        h, w = activation.shape[1:3]
+        return np.asarray(ablated, np.float32).reshape(len(ablated), h, w)
