@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[study,test,notebooks,peer]'
+	@# the git filter; .gitattributes (committed) already names notebooks/*.ipynb, so nbstripout
+	@# adds no *.ipynb line there: results/*/notebooks/ keep their outputs
 	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
 	@touch $(STAMP)
 
@@ -42,13 +44,73 @@ test-core:
 	@rm -rf build/lib build/bdist.* *.egg-info
 	cd /tmp && $(CURDIR)/$(CORE_VENV)/bin/python $(CURDIR)/tests/core_install_check.py
 
-## Rerun the study on POLEN23E: every notebook, figures and tables into results/polen23e
-reproduce: $(STAMP)
-	$(PY) -m cam.study.reproduce polen23e
+# One target per notebook and dataset: a stamp build/reproduce/<dataset>/<name>.done, local to
+# this checkout (build/ is git-ignored), touched when the notebook has run; the notebook writes
+# its executed copy results/<dataset>/notebooks/<name>.ipynb (committed). A fresh clone has no
+# stamps, so its first `make reproduce` runs everything; after that Make reruns a notebook only
+# when one of its inputs is newer than its stamp: the notebook, the library and the parameters
+# (cam/*.py, cam/study/*.py: reproduce.py holds STUDY and SMALL), and the checkpoint and fold
+# table it reads (POLEN23E: the committed DenseNet-169; synthetic: the small CNN that notebook
+# 02 trains into data/models when it is missing). A stamp is dated when its run started, so an
+# input edited during the run counts. FORCE=1 reruns every notebook; the venv is order-only,
+# so reinstalling it reruns nothing.
+LIBRARY := $(wildcard cam/*.py cam/study/*.py)
+INPUTS_polen23e := models/densenet169-polen23e-fold0.weights.h5 \
+  models/densenet169-polen23e-fold0.json data/polen23e-folds.csv
+INPUTS_synthetic := $(wildcard data/models/small-cnn-synthetic-fold0.weights.h5 \
+  data/models/small-cnn-synthetic-fold0.json)
+STUDY_NB := $(sort $(wildcard notebooks/0*.ipynb))
+NB_polen23e := $(STUDY_NB:notebooks/%.ipynb=build/reproduce/polen23e/%.done)
+NB_synthetic := $(STUDY_NB:notebooks/%.ipynb=build/reproduce/synthetic/%.done) \
+  $(patsubst notebooks/%.ipynb,build/reproduce/synthetic/%.done,$(sort $(wildcard notebooks/A*.ipynb)))
+FORCE_RERUN := $(if $(filter 1 yes true,$(FORCE)),force-rerun)
+RAN = build/reproduce-$(1).ran
 
-## Run the same notebooks on the synthetic stand-in into results/synthetic (offline, minutes)
-demo: $(STAMP)
-	$(PY) -m cam.study.reproduce synthetic
+# $(call run-notebook,DATASET) in a notebook's recipe: say why, run it alone, log that it ran.
+define run-notebook
+@if [ -n "$(FORCE_RERUN)" ]; then why="FORCE=1"; \
+elif [ -e $@ ]; then why="newer: $(filter-out force-rerun,$?)"; else why="not run in this checkout yet"; fi; \
+echo "== $*: rerunning ($$why)"
+@mkdir -p $(@D) && date +%s > $@.start
+$(PY) -m cam.study.reproduce $(1) --only $(firstword $(subst -, ,$*))
+@touch -d @$$(cat $@.start) $@ && rm -f $@.start
+@echo $* >> $(call RAN,$(1))
+endef
+
+# $(call report-notebooks,DATASET) in `reproduce`/`demo`: what ran, what was up to date, the size.
+define report-notebooks
+@ran=$$(cat $(call RAN,$(1)) 2>/dev/null | tr '\n' ' '); \
+skipped=$$(for nb in $(notdir $(basename $(NB_$(1)))); do \
+  grep -qx "$$nb" $(call RAN,$(1)) 2>/dev/null || echo -n "$$nb "; done); \
+echo "rerun: $${ran:-none}"; \
+echo "up to date, skipped: $${skipped:-none}$${skipped:+(make $(2) FORCE=1 reruns them)}"; \
+echo "results/$(1)/notebooks: $$(du -sh results/$(1)/notebooks | cut -f1) of executed notebooks"
+@rm -f $(call RAN,$(1))
+endef
+
+$(NB_polen23e): build/reproduce/polen23e/%.done: notebooks/%.ipynb $(LIBRARY) \
+  $(INPUTS_polen23e) $(FORCE_RERUN) | $(STAMP)
+	$(call run-notebook,polen23e)
+
+$(NB_synthetic): build/reproduce/synthetic/%.done: notebooks/%.ipynb $(LIBRARY) \
+  $(FORCE_RERUN) | $(STAMP)
+	$(call run-notebook,synthetic)
+# (notebook 02 writes the synthetic checkpoint rather than reading it)
+$(filter-out %/02-train-or-load.done,$(NB_synthetic)): $(INPUTS_synthetic)
+
+# Forgets which notebooks the last, possibly interrupted, `reproduce`/`demo` reran.
+reproduce-log-polen23e reproduce-log-synthetic: reproduce-log-%:
+	@mkdir -p build && rm -f $(call RAN,$*)
+
+force-rerun:
+
+## Rerun the study on POLEN23E into results/polen23e: the notebooks whose inputs changed (FORCE=1: all)
+reproduce: $(STAMP) reproduce-log-polen23e $(NB_polen23e)
+	$(call report-notebooks,polen23e,reproduce)
+
+## Run the same notebooks on the synthetic stand-in into results/synthetic (offline; FORCE=1 as above)
+demo: $(STAMP) reproduce-log-synthetic $(NB_synthetic)
+	$(call report-notebooks,synthetic,demo)
 
 ## Open the notebooks in JupyterLab
 lab: $(STAMP)
@@ -71,4 +133,5 @@ train: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
-.PHONY: help venv test test-core data folds train reproduce demo lab benchmark
+.PHONY: help venv test test-core data folds train reproduce demo lab benchmark force-rerun \
+  reproduce-log-polen23e reproduce-log-synthetic

@@ -7,20 +7,29 @@
 
 Each notebook gets ``dataset`` and the parameters below that it declares (papermill would
 warn about the others), runs with a progress bar over its cells while its printed output
-streams to the terminal, and its executed copy goes to ``<out>/executed/``; its figures and
-tables go to ``<out>/figures`` and ``<out>/tables``. The wall time of each notebook is added
-to ``<out>/tables/00-wall-times.csv`` and ``.md``. A failing notebook stops the run with its
-name and the error, and the run exits non-zero.
+streams to the terminal, and its executed copy goes to ``<out>/notebooks/`` (committed: its
+figures are downscaled to at most 900 px wide and papermill's timestamps are dropped, so it
+stays small and its diffs readable); its figures and tables go to ``<out>/figures`` and
+``<out>/tables``. The wall time and the kernel's peak memory of each notebook are added to
+``<out>/tables/00-wall-times.csv`` and ``.md``. A failing notebook stops the run with its
+name and the error, and the run exits non-zero; its partial copy is in ``<out>/executed/``
+(git-ignored). With several notebooks each runs in its own process, so that each peak is
+its own kernel's; ``make reproduce`` runs one per process anyway, only those whose inputs
+changed (see the Makefile).
 
 ``--small`` uses the CI parameters (a few images, small sizes, one timed call); with
-``--prepare-only`` the notebooks are only parameterised, for ``pytest --nbval-lax`` to run.
+``--prepare-only`` the notebooks are only parameterised (into ``<out>/notebooks/``), for
+``pytest --nbval-lax`` to run.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,24 +119,134 @@ def ensure_polen23e() -> Path:
     return paths.POLEN23E_DEFAULT_DIR
 
 
-def record_wall_time(tables: Path, notebook: str, seconds: float, dataset: str) -> None:
-    """Add or replace ``notebook``'s row in ``00-wall-times.csv`` / ``.md``."""
+#: Embedded figures in the committed executed notebooks are downscaled to this width at most.
+MAX_PNG_WIDTH = 900
+#: A figure goes in with at most 256 colours when that is at most this share of its size.
+PALETTE_SHARE = 0.6
+
+
+def _png_bytes(image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True, **kwargs)
+    return buffer.getvalue()
+
+
+def shrink_png(data: bytes, max_width: int = MAX_PNG_WIDTH) -> bytes:
+    """``data`` (a PNG) at most ``max_width`` pixels wide, saved optimised, with a 256-colour
+    palette when that is clearly smaller; ``data`` itself when nothing is smaller."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.width > max_width:
+        image = image.resize((max_width, max(1, round(image.height * max_width / image.width))),
+                             Image.Resampling.LANCZOS)
+    if image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+        image = image.convert("RGBA")
+    best = _png_bytes(image)
+    if image.mode != "P":
+        if image.mode in ("RGBA", "LA") and image.getchannel("A").getextrema()[0] < 255:
+            palette = image.convert("RGBA").quantize(256, method=Image.Quantize.FASTOCTREE)
+        else:  # opaque (matplotlib's white background): median cut keeps colours best
+            palette = image.convert("RGB").quantize(256)
+        small = _png_bytes(palette)
+        if len(small) <= PALETTE_SHARE * len(best):
+            best = small
+    return best if len(best) < len(data) else data
+
+
+def shrink_notebook(source: Path, target: Path) -> tuple[int, int]:
+    """Write ``source`` (an executed notebook) to ``target`` with its PNG outputs shrunk by
+    ``shrink_png`` and papermill's and nbclient's timestamps dropped (outputs are kept);
+    returns the sizes in bytes before and after."""
+    import nbformat
+
+    book = nbformat.read(str(source), as_version=4)
+    for cell in book.cells:
+        cell.metadata.pop("execution", None)  # nbclient's per-message timestamps
+        if "id" in cell and "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a new random id every run
+        _drop_times(cell.metadata.get("papermill"))
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" in data:
+                png = base64.b64decode(data["image/png"])
+                data["image/png"] = base64.b64encode(shrink_png(png)).decode("ascii")
+    meta = book.metadata.get("papermill")
+    if meta is not None:  # paths relative to the repository: the same on every checkout
+        _drop_times(meta)
+        if meta.get("input_path"):
+            meta["input_path"] = _relative(Path(meta["input_path"]))
+        meta["output_path"] = _relative(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(book, str(target))
+    return source.stat().st_size, target.stat().st_size
+
+
+def _drop_times(meta) -> None:
+    if meta:
+        meta.pop("start_time", None)
+        meta.pop("end_time", None)
+        if isinstance(meta.get("duration"), (int, float)):
+            meta["duration"] = round(meta["duration"])
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(paths.ROOT))
+    except ValueError:
+        return str(path)
+
+
+def children_peak_mb() -> float | None:
+    """The largest peak resident memory of this process's finished children (the notebook
+    kernels papermill started) in MB (2**20 bytes); None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def record_wall_time(tables: Path, notebook: str, seconds: float, dataset: str,
+                     peak_mb: float | None = None) -> None:
+    """Add or replace ``notebook``'s row in ``00-wall-times.csv`` / ``.md``, with its kernel's
+    peak memory ``peak_mb`` (blank when unknown); the other notebooks' rows are kept."""
     csv = tables / "00-wall-times.csv"
-    frame = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(
-        columns=["notebook", "dataset", "seconds", "finished"])
+    columns = ["notebook", "dataset", "seconds", "peak MB", "finished"]
+    frame = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=columns)
+    frame = frame.reindex(columns=columns)  # rows from before the peak column get a blank
     frame = frame[frame["notebook"] != notebook]
     row = {"notebook": notebook, "dataset": dataset, "seconds": round(seconds, 1),
+           "peak MB": None if peak_mb is None else round(peak_mb),
            "finished": time.strftime("%Y-%m-%d %H:%M")}
-    frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True).sort_values("notebook")
+    frame = pd.concat([frame.astype(object), pd.DataFrame([row], dtype=object)],
+                      ignore_index=True).sort_values("notebook")
+    frame["seconds"] = frame["seconds"].astype(float)
+    frame["peak MB"] = pd.to_numeric(frame["peak MB"]).astype("Int64")
     frame.to_csv(csv, index=False)
     total = frame["seconds"].sum()
+    footer = f"Total: {total:.0f} s ({total / 60:.1f} min)"
+    if frame["peak MB"].notna().any():
+        top = frame.loc[frame["peak MB"].idxmax()]
+        unknown = int(frame["peak MB"].isna().sum())
+        footer += (f"; peak memory {top['peak MB'] / 1024:.1f} GB ({top['notebook']}"
+                   + (f"; not measured for {unknown}" if unknown else "") + ")")
+    table = frame.astype(object).where(frame.notna(), "")  # tabulate leaves "" cells blank
     (tables / "00-wall-times.md").write_text(
-        frame.to_markdown(index=False) + f"\n\nTotal: {total:.0f} s ({total / 60:.1f} min).\n")
+        table.to_markdown(index=False) + f"\n\n{footer}.\n")
 
 
 def run(dataset: str, out: Path, small: bool = False, prepare_only: bool = False,
         only=()) -> list[tuple[str, float]]:
-    """Run (or prepare) the notebooks for ``dataset`` into ``out``; returns their wall times."""
+    """Run (or prepare) the notebooks for ``dataset`` into ``out``; returns their wall times.
+
+    Each notebook runs into ``<out>/executed/`` (git-ignored), and once it has run through is
+    written shrunk (``shrink_notebook``) to ``<out>/notebooks/``, the copy that is committed
+    and that Make compares with the notebook's inputs; a failed run leaves the partial copy in
+    ``executed/`` and the committed one untouched. ``prepare_only`` writes the parameterised
+    notebooks straight to ``<out>/notebooks/``."""
     import papermill
 
     if dataset not in STUDY:
@@ -135,29 +254,74 @@ def run(dataset: str, out: Path, small: bool = False, prepare_only: bool = False
     todo = notebooks(dataset, only)
     if dataset == "polen23e":
         ensure_polen23e()
-    executed = out / "executed"
-    executed.mkdir(parents=True, exist_ok=True)
+    executed, committed = out / "executed", out / "notebooks"
+    committed.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
+    if not prepare_only:
+        executed.mkdir(parents=True, exist_ok=True)
     times = []
     for i, notebook in enumerate(todo, 1):
         params = parameters_for(notebook, dataset, out, small)
-        target = executed / notebook.name
+        target = committed / notebook.name
+        partial = target if prepare_only else executed / notebook.name
         print(f"[{i}/{len(todo)}] {notebook.name} -> {target}  "
               f"({', '.join(f'{k}={v!r}' for k, v in params.items())})", flush=True)
-        start = time.perf_counter()
+        peak_before = children_peak_mb()
+        started, start = time.time(), time.perf_counter()
         try:
-            papermill.execute_notebook(str(notebook), str(target), parameters=params,
+            papermill.execute_notebook(str(notebook), str(partial), parameters=params,
                                        prepare_only=prepare_only, log_output=not prepare_only,
                                        progress_bar=not prepare_only, cwd=str(paths.ROOT))
         except papermill.PapermillExecutionError as error:
             raise SystemExit(f"error: {notebook.name} failed in cell {error.exec_count}: "
-                             f"{error.ename}: {error.evalue}\n(executed copy: {target})") from None
+                             f"{error.ename}: {error.evalue}\n(executed copy: {partial})") from None
         seconds = time.perf_counter() - start
         times.append((notebook.stem, seconds))
         if not prepare_only:
-            record_wall_time(out / "tables", notebook.stem, seconds, dataset)
-            print(f"[{i}/{len(todo)}] {notebook.stem} done in {seconds:.0f} s", flush=True)
+            # The kernel has exited: RUSAGE_CHILDREN's maximum is its peak, unless an earlier
+            # notebook in this process peaked higher (then it is unknown: left blank).
+            peak = children_peak_mb()
+            if peak is not None and i > 1 and peak <= (peak_before or 0):
+                peak = None
+            before, after = shrink_notebook(partial, target)
+            partial.unlink()
+            # dated when the run started: an input edited while it ran makes Make rerun it
+            os.utime(target, (started, started))
+            record_wall_time(out / "tables", notebook.stem, seconds, dataset, peak)
+            memory = "" if peak is None else f", kernel peak {peak / 1024:.1f} GB"
+            print(f"[{i}/{len(todo)}] {notebook.stem} done in {seconds:.0f} s{memory}; "
+                  f"{target} is {before / 2**20:.1f} -> {after / 2**20:.1f} MB", flush=True)
+    if not prepare_only:
+        try:
+            executed.rmdir()  # only when empty: nothing failed
+        except OSError:
+            pass
     return times
+
+
+def folder_mb(folder: Path) -> float:
+    """The size of the files in ``folder`` in MB (2**20 bytes)."""
+    return sum(f.stat().st_size for f in folder.glob("*") if f.is_file()) / 2**20
+
+
+def run_one_per_process(dataset: str, out: Path | None, small: bool, only=()) -> int:
+    """Run each notebook in its own ``python -m cam.study.reproduce --only`` process (so that
+    each kernel's peak memory is measured on its own); stops at the first that fails."""
+    todo = notebooks(dataset, only)
+    if dataset == "polen23e":
+        ensure_polen23e()  # once, before any notebook starts
+    start = time.perf_counter()
+    for i, notebook in enumerate(todo, 1):
+        print(f"== {notebook.stem} ({i}/{len(todo)})", flush=True)
+        command = [sys.executable, "-m", "cam.study.reproduce", dataset,
+                   "--only", notebook.stem.split("-")[0]]
+        command += (["--out", str(out)] if out else []) + (["--small"] if small else [])
+        code = subprocess.call(command)
+        if code:
+            return code
+    total = time.perf_counter() - start
+    print(f"{len(todo)} notebooks in {total:.0f} s ({total / 60:.1f} min)", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -176,11 +340,18 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
     out = args.out or paths.RESULTS_DIR / args.dataset
-    times = run(args.dataset, out, args.small, args.prepare_only, tuple(args.only))
-    if not args.prepare_only:
+    if not args.prepare_only and len(notebooks(args.dataset, tuple(args.only))) > 1:
+        code = run_one_per_process(args.dataset, args.out, args.small, tuple(args.only))
+        if code:
+            return code
+    else:
+        times = run(args.dataset, out, args.small, args.prepare_only, tuple(args.only))
+        if args.prepare_only:
+            return 0
         total = sum(s for _, s in times)
         print(f"{len(times)} notebook(s) in {total:.0f} s ({total / 60:.1f} min); "
               f"results in {out}")
+    print(f"{out / 'notebooks'}: {folder_mb(out / 'notebooks'):.1f} MB of executed notebooks")
     return 0
 
 
