@@ -2,12 +2,14 @@
 
     python benchmarks/speed.py [--images 8] [--repeats 3] [--batch-size 64] [--budget 30]
                                [--layers relu,conv4_block32_concat] [--windows 1,2,3]
-                               [--no-peer] [--random-weights] [--csv PATH]
+                               [--no-peer] [--no-others] [--scorecam-channels 32]
+                               [--occlusion 32,32] [--random-weights] [--csv PATH]
 
 DenseNet-169 at 224x224: the committed POLEN23E checkpoint when present (else random weights,
 said in the output), on held-out POLEN23E images when $POLEN23E_DIR is set (else random
-pixels with a fixed seed). Prints the machine, the table (cam.study.speed.SpeedStudy) and the
-head-only speed-ups as Markdown. Nothing is asserted: this is a measurement, not a test.
+pixels with a fixed seed). Prints the machine, the table (cam.study.speed.SpeedStudy), the
+head-only speed-ups and the study's own wall time per method and mode, as Markdown. Nothing
+is asserted: this is a measurement, not a test.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", default="", help="comma-separated layers (default: the study's 3)")
     p.add_argument("--windows", default="1,2,3", help="FastAblationCAM windows (default 1,2,3)")
     p.add_argument("--no-peer", action="store_true", help="leave out tf-keras-vis")
+    p.add_argument("--no-others", action="store_true",
+                   help="leave out the methods timed at the first layer only (Grad-CAM++, "
+                        "XGrad-CAM, LayerCAM, HiResCAM, ReciproCAM, Score-CAM, Occlusion)")
+    p.add_argument("--scorecam-channels", type=int, default=speed.SCORECAM_CHANNELS,
+                   help=f"channels of the Faster Score-CAM row (default "
+                        f"{speed.SCORECAM_CHANNELS}; 0 leaves it out)")
+    p.add_argument("--occlusion", default=",".join(map(str, speed.OCCLUSION)),
+                   help="Occlusion window,stride in pixels (default %(default)s)")
     p.add_argument("--random-weights", action="store_true", help="ignore the checkpoint")
     p.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     args = p.parse_args(argv)
@@ -46,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.windows = [int(w) for w in args.windows.split(",")]
     except ValueError:
         p.error(f"--windows must be comma-separated integers, got {args.windows!r}")
+    try:
+        args.occlusion = tuple(int(v) for v in args.occlusion.split(","))
+    except ValueError:
+        args.occlusion = ()
+    if len(args.occlusion) != 2:
+        p.error(f"--occlusion must be two integers WINDOW,STRIDE, got {args.occlusion!r}")
     return args
 
 
@@ -79,10 +95,20 @@ def main(argv=None) -> None:
     study = speed.SpeedStudy(model, images, repeats=args.repeats, batch_size=args.batch_size,
                              budget_s=args.budget)
     table = study.run(args.layers or speed.study_layers(model), args.windows,
-                      peer=not args.no_peer)
+                      peer=not args.no_peer, others=not args.no_others,
+                      occlusion=args.occlusion, scorecam_channels=args.scorecam_channels)
     print(table.drop(columns=["notes"]).to_markdown(index=False, floatfmt=".1f"))
     print()
     print(speed.speed_ups(table).to_markdown(index=False, floatfmt=".1f"))
+    print()
+    wall = study.wall_times()
+    wall["mode"] = wall["mode"].fillna("")
+    by_mode = wall.groupby(["method", "mode"], sort=False).agg(
+        rows=("seconds", "size"), seconds=("seconds", "sum"), cpu=("CPU seconds", "sum"))
+    print(by_mode.rename(columns={"seconds": "study s", "cpu": "study CPU s"}).to_markdown(
+        floatfmt=".1f"))
+    print(f"\nThe study took {wall['seconds'].sum():.0f} s ({wall['CPU seconds'].sum():.0f} "
+          f"CPU s).")
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)

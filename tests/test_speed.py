@@ -1,17 +1,24 @@
 """cam.study.speed: the rows the speed study produces, their counts, extrapolation and memory sampling.
 
 Times are never asserted (they depend on the machine); what is asserted is that every method,
-mode and layer gets its row, with the right number of evaluations and an honest ``measured``.
+mode and layer gets its row, with the right number of evaluations and an honest ``measured``,
+and, with the clock stubbed, the extrapolation arithmetic.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import cam
 from cam.study import speed
 from conftest import random_images
+
+#: Occlusion on the 10x10 test images: 4-pixel patches every 2 pixels, starts 0, 2, 4, 6.
+OCCLUSION = (4, 2)
 
 
 @pytest.fixture(scope="module")
@@ -21,57 +28,216 @@ def study(dense_concat_model):
                             progress=False)
 
 
-def test_run_has_every_method_mode_and_window(study, dense_concat_model):
-    table = study.run(["relu1"], windows=(1, 2), peer=False)
+@pytest.fixture(scope="module")
+def table(study):
+    return study.run(["relu1"], windows=(1, 2), peer=False, occlusion=OCCLUSION,
+                     scorecam_channels=2)
+
+
+def stub_clock(monkeypatch, values):
+    """Every timed call takes the next of ``values`` ms (the function still runs once)."""
+    calls = []
+
+    def timings_ms(fn, repeats, warm_up=True):
+        calls.append(warm_up)
+        fn()
+        return [next(values)] * repeats
+
+    monkeypatch.setattr(speed, "timings_ms", timings_ms)
+    return calls
+
+
+def small_study(model, **options):
+    images = random_images(model.input_shape[1:], n=2)
+    return speed.SpeedStudy(model, images, **{"repeats": 1, "progress": False, **options})
+
+
+def test_run_has_every_method_mode_and_window(table, dense_concat_model):
     assert list(table.columns) == speed.COLUMNS
     got = set(zip(table["method"], table["mode"]))
     expected = {("forward pass", ""), ("Grad-CAM", "head"), ("Grad-CAM", "full")}
-    expected |= {(m, mode) for m in ("Ablation-CAM", "FastAblationCAM w1", "FastAblationCAM w2")
-                 for mode in speed.MODES}
-    assert got == expected
+    expected |= {(m, "head") for m in speed.GRADIENT_METHODS + ("ReciproCAM gaussian",)}
+    expected |= {(m, mode) for m in ("Ablation-CAM", "FastAblationCAM w1", "FastAblationCAM w2",
+                                     "ReciproCAM") for mode in speed.MODES}
+    expected |= {("Score-CAM", "full"), ("Score-CAM top-2", "full"),
+                 ("Occlusion 4 px, stride 2", "full")}
+    assert got == expected and len(table) == len(expected)
     h, w, c = dense_concat_model.get_layer("relu1").output.shape[1:]
     rows = table.set_index(["method", "mode"])
-    assert rows.loc[("Ablation-CAM", "head"), "evaluations/image"] == c
-    assert rows.loc[("FastAblationCAM w1", "full"), "evaluations/image"] == h * w
+    evaluations = rows["evaluations/image"]
+    assert evaluations[("Ablation-CAM", "head")] == c
+    assert evaluations[("FastAblationCAM w1", "full")] == h * w
     # window 2 on a 5x5 grid: starts 0, 2, 3 in each direction
-    assert rows.loc[("FastAblationCAM w2", "per-mask"), "evaluations/image"] == 9
+    assert evaluations[("FastAblationCAM w2", "per-mask")] == 9
+    assert (evaluations.xs("ReciproCAM", level="method") == h * w).all()  # one per kept cell
+    assert evaluations[("ReciproCAM gaussian", "head")] == h * w
+    assert evaluations[("Score-CAM", "full")] == c and evaluations[("Score-CAM top-2", "full")] == 2
+    assert evaluations[("Occlusion 4 px, stride 2", "full")] == 4 * 4
+    assert (evaluations[[m for m in rows.index if m[0] in ("Grad-CAM",) + speed.GRADIENT_METHODS]]
+            == 1).all()
+    occlusion = rows.loc[("Occlusion 4 px, stride 2", "full")]
+    assert occlusion["layer"] == "input" and occlusion["grid"] == "10x10x3"
     assert (rows.xs("per-mask", level="mode")["batch size"] == 1).all()
     assert (table["ms/image"] > 0).all() and (table["peak MB"] > 0).all()
     assert (table["measured"] == "all").all()  # a generous budget runs every row completely
 
 
+def test_wall_times_cover_every_row(study, table):
+    wall = study.wall_times()
+    assert len(wall) == len(table) + 1  # and the forward pass timed again at the end
+    assert (wall["seconds"] > 0).all()
+    assert wall["method"].iloc[-1] == "forward pass (again)"
+
+
 def test_rows_over_budget_are_extrapolated_and_say_so(dense_concat_model):
-    images = random_images(dense_concat_model.input_shape[1:], n=2)
-    study = speed.SpeedStudy(dense_concat_model, images, repeats=1, batch_size=2, budget_s=0,
-                             sample_masks=2, progress=False)
+    study = small_study(dense_concat_model, batch_size=2, budget_s=0, sample_masks=2)
     study.forward()
     row = study.ablation("Ablation-CAM", "relu1", "full")
-    assert row["measured"].startswith("extrapolated: 2 of ")
+    assert row["measured"].startswith("extrapolated: 2 of 4 masks timed on 1 image")
     assert row["ms/image"] > study.forward_ms  # the trunk pass plus every mask's share
+    row = study.scorecam("relu1")
+    assert row["measured"].startswith("extrapolated: 2 of 4 channels timed on 1 image")
+    row = study.occlusion(*OCCLUSION)
+    assert row["measured"].startswith("extrapolated: 2 of 16 positions timed on 1 image")
+    row = study.ablation("ReciproCAM", "relu1", "per-mask")
+    assert row["measured"].startswith("extrapolated: 2 of 25 masks")
+
+
+def test_extrapolation_counts_the_masks_actually_run(dense_concat_model, monkeypatch):
+    """25 masks in one batch of 25 (batch size 64): a row costs the trunk pass plus 25 mask
+    evaluations, not a padded 64. Every timing is stubbed to 100 ms to make that exact."""
+    stub_clock(monkeypatch, itertools.repeat(100.0))
+    study = small_study(dense_concat_model, batch_size=64, budget_s=0)
+    study.forward()
+    assert study.forward_ms == 50.0  # 100 ms per call of 2 images
+    row = study.ablation("FastAblationCAM", "relu1", "full")
+    assert row["evaluations/image"] == 25 and row["measured"].startswith("extrapolated: 25 of 25")
+    assert row["ms/image"] == 50.0 + 100.0  # trunk + 25 masks at 100/25 ms each
+    row = study.scorecam("relu1", channels=3)
+    assert row["evaluations/image"] == 3 and row["ms/image"] == 50.0 + 100.0
+    row = study.scorecam("relu1")  # 4 channels in one batch of 4: sampled anew
+    assert row["measured"].startswith("extrapolated: 4 of 4 channels")
+    assert row["ms/image"] == 50.0 + 100.0
+
+
+def test_extrapolation_counts_the_padding_a_complete_run_pushes(dense_concat_model, monkeypatch):
+    """16 occlusions in batches of 5 are 4 batches, 20 slots; the sample is one batch (5 slots,
+    100 ms): 50 ms (forward) + 20 * 100 / 5 ms."""
+    stub_clock(monkeypatch, itertools.repeat(100.0))
+    study = small_study(dense_concat_model, batch_size=5, budget_s=0, sample_masks=5)
+    row = study.occlusion(*OCCLUSION)
+    assert row["evaluations/image"] == 16 and row["batch size"] == 5
+    assert row["measured"].startswith("extrapolated: 5 of 16 positions")
+    assert row["ms/image"] == 50.0 + 20 * 100.0 / 5
+    # ReciproCAM at batch size 10: 25 cells in 3 batches of 10 (30 slots), sampled 10.
+    study.sample_masks = 10
+    row = study.ablation("ReciproCAM", "relu1", "head", batch_size=10)
+    assert row["evaluations/image"] == 25 and row["measured"].startswith("extrapolated: 10 of 25")
+    assert row["ms/image"] == 50.0 + 30 * 100.0 / 10
+
+
+def test_the_same_passes_are_sampled_once(dense_concat_model, monkeypatch):
+    """In the per-mask mode every mask is one whole-network pass at batch size 1, whichever
+    method made it: FastAblationCAM window 2 and Ablation-CAM reuse window 1's sample (16
+    masks, 100 ms) and say so. Batches of another size are sampled anew."""
+    calls = stub_clock(monkeypatch, itertools.repeat(100.0))
+    study = small_study(dense_concat_model, budget_s=0)
+    study.forward()
+    first = study.ablation("FastAblationCAM", "relu1", "per-mask", window=1)
+    timed = len(calls)
+    reuse = "extrapolated: cost per mask from the 16 masks timed on 1 image for " \
+            "FastAblationCAM w1 per-mask, the same passes on batches of the same size"
+    second = study.ablation("FastAblationCAM", "relu1", "per-mask", window=2)
+    channels = study.ablation("Ablation-CAM", "relu1", "per-mask")
+    assert len(calls) == timed  # nothing timed again
+    assert first["measured"].startswith("extrapolated: 16 of 25 masks")
+    assert second["measured"].startswith(reuse) and channels["measured"].startswith(reuse)
+    assert second["ms/image"] == 50.0 + 9 * 100.0 / 16
+    assert channels["ms/image"] == 50.0 + 4 * 100.0 / 16
+    # the full mode's batches of 9 are sampled anew
+    third = study.ablation("FastAblationCAM", "relu1", "full", window=2)
+    assert len(calls) > timed and third["measured"].startswith("extrapolated: 9 of 9 masks")
+    # ReciproCAM's 25 float masks in one batch: the whole-network passes of window 1's full
+    # row; in the head mode the float mask's arithmetic counts, so it is sampled anew
+    study.ablation("FastAblationCAM", "relu1", "full", window=1)
+    timed = len(calls)
+    row = study.ablation("ReciproCAM", "relu1", "full")
+    assert len(calls) == timed and "for FastAblationCAM w1 full" in row["measured"]
+    study.ablation("FastAblationCAM", "relu1", "head", window=1)
+    timed = len(calls)
+    row = study.ablation("ReciproCAM", "relu1", "head")
+    assert len(calls) > timed and row["measured"].startswith("extrapolated: 25 of 25 masks")
+
+
+def test_a_slow_call_is_timed_once():
+    calls = []
+    assert len(speed.timings_ms(lambda: calls.append(1), 3, cap_ms=None)) == 3
+    assert len(calls) == 4  # and the warm-up
+    assert len(speed.timings_ms(lambda: calls.append(1), 3, warm_up=False, cap_ms=0)) == 1
+    assert len(calls) == 5
+
+
+def test_gradient_methods_share_one_warm_compiled_gradient(dense_concat_model, monkeypatch):
+    calls = stub_clock(monkeypatch, itertools.repeat(100.0))
+    study = small_study(dense_concat_model)
+    study.forward()
+    rows = [study.gradient(m, "relu1") for m in ("Grad-CAM",) + speed.GRADIENT_METHODS]
+    assert [r["method"] for r in rows] == ["Grad-CAM", *speed.GRADIENT_METHODS]
+    assert calls[2:] == [True] + [False] * len(speed.GRADIENT_METHODS)  # one warm-up in all
+    assert sum(key[2] == "_gradients" for key in study._compiled) == 1
+    study.gradient("Grad-CAM", "relu1", "full")  # another mode: its own gradient, warmed up
+    assert calls[-1] is True
+
+
+def test_shared_compiled_functions_give_the_maps_of_fresh_explainers(dense_concat_model):
+    """Sharing a trace must not change what is computed: every explainer the study builds
+    gives the raw maps of the same explainer built on its own."""
+    study = small_study(dense_concat_model, batch_size=8)
+    images, raw = study.images, {"normalize": False, "upsample": False}
+    cases = [("FastAblationCAM", {"window": 1}), ("FastAblationCAM", {"window": 2}),
+             ("Ablation-CAM", {}), ("ReciproCAM", {}), ("ReciproCAM", {"gaussian": True})]
+    for method, options in cases:
+        for mode in ("head", "per-mask"):  # per-mask shares one trace across windows
+            explainer = study._ablation_explainer(method, "relu1", mode, **options)[0]
+            fresh = cam.method_class(method)(dense_concat_model, "relu1", mode=explainer.mode,
+                                             batch_size=explainer.batch_size, **options)
+            np.testing.assert_allclose(explainer(images, **raw), fresh(images, **raw),
+                                       rtol=1e-5, atol=1e-5, err_msg=f"{method} {mode}")
+    for method in ("Grad-CAM",) + speed.GRADIENT_METHODS + ("Score-CAM",):
+        for layer in ("relu0", "relu1"):
+            explainer = study._build(method, layer)
+            fresh = cam.method_class(method)(dense_concat_model, layer)
+            np.testing.assert_allclose(explainer(images, **raw), fresh(images, **raw),
+                                       rtol=1e-5, atol=1e-5, err_msg=f"{method} {layer}")
+    assert len({key for key in study._compiled if key[-1] == "_full"}) == 1  # every layer's
 
 
 def test_speed_ups_divide_full_and_per_mask_by_head():
     table = pd.DataFrame({
-        "layer": ["a"] * 4, "method": ["Ablation-CAM"] * 3 + ["tf-keras-vis Scorecam"],
-        "mode": ["head", "full", "per-mask", "peer"], "ms/image": [2.0, 10.0, 40.0, 500.0]})
+        "layer": ["a"] * 5, "method": ["Ablation-CAM"] * 3 + ["tf-keras-vis Scorecam", "HiResCAM"],
+        "mode": ["head", "full", "per-mask", "peer", "head"],
+        "ms/image": [2.0, 10.0, 40.0, 500.0, 3.0]})
     ups = speed.speed_ups(table)
+    assert list(ups["method"]) == ["Ablation-CAM"]  # HiResCAM has nothing to compare with
     assert ups.loc[0, "full / head"] == 5 and ups.loc[0, "per-mask / head"] == 20
     assert ups.loc[0, "Scorecam / head"] == 250
 
 
-def test_batch_sweep_rows_leave_the_main_table_alone(study):
+def test_batch_sweep_takes_rows_the_main_table_has(study, table):
     before = len(study.rows)
-    sweep = study.batch_sweep("relu1", batch_sizes=(1, 3))
+    sweep = study.batch_sweep("relu1", batch_sizes=(1, 4))
     assert len(study.rows) == before
-    assert sorted(sweep["batch size"]) == [1, 1, 3, 3]
+    assert sorted(sweep["batch size"]) == [1, 1, 4, 4]
     assert set(sweep["mode"]) == {"head"}
+    main = table.set_index(["method", "mode"])
+    for _, row in sweep[sweep["batch size"] == 4].iterrows():  # the study's batch size
+        assert row["notes"].endswith("(the main table's row)")
+        assert row["ms/image"] == main.loc[(row["method"], "head"), "ms/image"]
 
 
 def test_peer_rows_time_the_layer_asked_for(dense_concat_model):
     pytest.importorskip("tf_keras_vis", reason="tf-keras-vis is the optional [peer] extra")
-    images = random_images(dense_concat_model.input_shape[1:], n=2)
-    study = speed.SpeedStudy(dense_concat_model, images, repeats=1, sample_masks=3,
-                             progress=False)
+    study = small_study(dense_concat_model, sample_masks=3)
     study.forward()
     gradcam, scorecam = study.peer("relu1")
     channels = dense_concat_model.get_layer("relu1").output.shape[-1]
@@ -103,34 +269,20 @@ def test_bad_arguments_are_named(dense_concat_model):
                          repeats=0)
     with pytest.raises(ValueError, match="non-empty"):
         speed.SpeedStudy(dense_concat_model, np.zeros((0, 10, 10, 3)))
-    study = speed.SpeedStudy(dense_concat_model, random_images(dense_concat_model.input_shape[1:]),
-                             progress=False)
+    study = small_study(dense_concat_model)
     with pytest.raises(ValueError, match="mode must be one of"):
         study.ablation("Ablation-CAM", "relu1", "fast")
-    with pytest.raises(ValueError, match="method must be"):
+    with pytest.raises(ValueError, match="method must be one of"):
         study.ablation("ScoreCAM", "relu1", "head")
-
-
-def test_extrapolation_counts_the_masks_actually_run(dense_concat_model, monkeypatch):
-    """25 masks in one batch of 25 (batch size 64): a row costs the trunk pass plus 25 mask
-    evaluations, not a padded 64. Every timing is stubbed to 100 ms to make that exact."""
-    monkeypatch.setattr(speed, "median_ms", lambda fn, repeats: (fn(), 100.0)[1])
-    images = random_images(dense_concat_model.input_shape[1:], n=2)
-    study = speed.SpeedStudy(dense_concat_model, images, repeats=1, batch_size=64, budget_s=0,
-                             progress=False)
-    study.forward()
-    assert study.forward_ms == 50.0  # 100 ms per call of 2 images
-    row = study.ablation("FastAblationCAM", "relu1", "full")
-    assert row["evaluations/image"] == 25 and row["measured"].startswith("extrapolated: 25 of 25")
-    assert row["ms/image"] == 50.0 + 100.0  # trunk + 25 masks at 100/25 ms each
+    with pytest.raises(ValueError, match="not a gradient method"):
+        study.gradient("ReciproCAM", "relu1")
 
 
 def test_forward_is_settled_at_the_end(dense_concat_model, monkeypatch):
-    timings = iter([400.0, 400.0] + [100.0] * 200)  # a slow first forward timing, then fast
-    monkeypatch.setattr(speed, "median_ms", lambda fn, repeats: (fn(), next(timings))[1])
-    images = random_images(dense_concat_model.input_shape[1:], n=2)
-    study = speed.SpeedStudy(dense_concat_model, images, repeats=1, progress=False)
-    table = study.run(["relu1"], windows=(1,), peer=False)
+    # a slow first forward timing, then fast
+    stub_clock(monkeypatch, itertools.chain([400.0, 400.0], itertools.repeat(100.0)))
+    study = small_study(dense_concat_model)
+    table = study.run(["relu1"], windows=(1,), peer=False, others=False)
     assert table.loc[0, "ms/image"] == 50.0 and study.forward_ms == 50.0
     assert np.allclose(table["x forward"], table["ms/image"] / 50.0)
     assert (table["method"] == "forward pass").sum() == 1

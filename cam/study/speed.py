@@ -1,6 +1,7 @@
 """Where the time goes: every method, execution mode and layer timed side by side in one process.
 
-The yardstick is one plain forward pass. Each ablation method runs in three execution modes:
+The yardstick is one plain forward pass. Each ablation method (Ablation-CAM, FastAblationCAM,
+ReciproCAM) runs in three execution modes:
 
 ``head`` (ours)
     the trunk runs once per image, then batches of ablated activations go through the part
@@ -12,16 +13,32 @@ The yardstick is one plain forward pass. Each ablation method runs in three exec
     one whole-network pass per mask and per image (batch size 1), the way the reference
     FastAblationCAM repository loops over locations.
 
-Grad-CAM runs head-only and full; the peer library tf-keras-vis (optional) adds its Gradcam and
-Scorecam. Rows whose complete run would exceed a time budget are extrapolated from a timed
-sample of masks, and the table says so in ``measured``. All rows use the same images, the same
-clock (``time.perf_counter``) and the median of ``repeats`` calls after one untimed warm-up.
+The gradient methods run head-only (Grad-CAM also full). Score-CAM and Occlusion perturb the
+input, so every evaluation is a whole-network pass (mode ``full``). The peer library
+tf-keras-vis (optional) adds its Gradcam and Scorecam.
+
+Every row with many evaluations per image follows one protocol (:meth:`SpeedStudy._sampled`):
+a sample of evaluations is timed on one image; when a complete run (``repeats`` calls on every
+image) is estimated to fit in ``budget_s`` it is timed, else the row is extrapolated from the
+sample and ``measured`` says so. All rows use the same images, the same clock
+(``time.perf_counter``) and the median of ``repeats`` calls after one untimed warm-up call (a
+complete run right after its own sample, whose compiled functions are then warm, needs none;
+a call costing more than ``REPEAT_MS / (repeats - 1)`` is timed once).
+
+The study's own cost is mostly tracing: every new ``tf.function`` of DenseNet-169 takes seconds
+to trace. Explainers at one layer therefore share the compiled functions that compute the same
+thing on the same shapes (the trunk, the head, the gradient, an ablation batch of one shape and
+dtype), and a row whose sample would time the same passes on batches of the same size as an
+earlier row's (which cells or channels a mask hides does not change the cost) reuses that
+sample and says so. ``SpeedStudy.wall`` records the study's own seconds per row.
 
 Used by ``notebooks/04-speed.ipynb`` and ``benchmarks/speed.py``.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
 import os
 import platform
@@ -38,15 +55,32 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ..methods import AblationCAM, FastAblationCAM, GradCAM
+from ..explainers import TRUNK_BATCH, AblationExplainer, GradientExplainer, method_class
 from ..graph import candidate_layers
 
 #: The study's layers on DenseNet-169: the final feature map, and internal conv4 and conv3 ones.
 DENSENET_LAYERS = ("relu", "conv4_block32_concat", "conv3_block12_concat")
 #: Ablation execution modes, in table order.
 MODES = ("head", "full", "per-mask")
+#: Gradient methods timed (head-only) at the first layer besides Grad-CAM.
+GRADIENT_METHODS = ("Grad-CAM++", "XGrad-CAM", "LayerCAM", "HiResCAM")
+#: Occlusion (window, stride) in pixels: notebooks 03 and 05's 7x7 grid of 32-pixel patches.
+OCCLUSION = (32, 32)
+#: Faster Score-CAM's channels: one batch of 64, the same passes as the sample of the
+#: every-channel row (notebooks 03 and 05 explain with 32, half the cost per image).
+SCORECAM_CHANNELS = 64
+#: Ablation methods and their table names.
+ABLATION_METHODS = ("Ablation-CAM", "FastAblationCAM", "ReciproCAM")
 COLUMNS = ["layer", "grid", "method", "mode", "batch size", "evaluations/image", "ms/image",
            "x forward", "peak MB", "peak +MB", "GPU peak MB", "measured", "notes"]
+#: Masks timed for a per-mask row (one whole-network pass each, at batch size 1: a stable cost).
+PER_MASK_SAMPLE = 16
+#: A timed call is repeated (median of ``repeats``) only when the extra calls take under this
+#: many ms in all: a call of a few seconds already averages many passes.
+REPEAT_MS = 4_000
+NOTES = {"head": "trunk once per image; ablated batches through the head only",
+         "full": "every ablated batch reruns the whole network",
+         "per-mask": "one whole-network pass per mask, one image at a time"}
 
 
 # -- machine and memory --------------------------------------------------------------------
@@ -112,17 +146,37 @@ class PeakMemory:
             self.gpu_peak_mb = tf.config.experimental.get_memory_info(self._gpu)["peak"] / 2**20
 
 
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` calls after one untimed warm-up."""
+def _clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now: ``time.perf_counter`` and ``time.process_time``."""
+    return time.perf_counter(), time.process_time()
+
+
+def timings_ms(fn, repeats: int, warm_up=True, cap_ms: float | None = REPEAT_MS
+               ) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn()`` in ms, after one untimed warm-up call; one
+    call only when the other ``repeats - 1`` would take ``cap_ms`` or more (None: no cap).
+
+    ``warm_up`` is True (call ``fn``), a cheaper callable that runs the same compiled functions
+    on the same shapes (tracing and first-call costs are paid there), or False when those
+    functions have already run on these shapes in an earlier row.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    fn()
+    if warm_up:
+        (fn if warm_up is True else warm_up)()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        if cap_ms is not None and times[0] * (repeats - 1) >= cap_ms:
+            break
+    return times
+
+
+def median_ms(fn, repeats: int, warm_up=True) -> float:
+    """Median wall time of ``fn()`` in ms over the calls of :func:`timings_ms`."""
+    return statistics.median(timings_ms(fn, repeats, warm_up))
 
 
 # -- the study -----------------------------------------------------------------------------
@@ -143,6 +197,13 @@ def study_layers(model: keras.Model, count: int = 3) -> list[str]:
     return chosen
 
 
+def _slots(evaluations: int, batch_size: int) -> tuple[int, int]:
+    """(masks per batch, masks pushed per image): explainers cut the evaluations into equal
+    batches, the last padded, and use one batch of exactly ``evaluations`` when they fit."""
+    per_batch = min(batch_size, evaluations)
+    return per_batch, math.ceil(evaluations / per_batch) * per_batch
+
+
 @dataclass
 class SpeedStudy:
     """Times methods on ``model`` for one batch of ``images`` (already preprocessed).
@@ -150,16 +211,17 @@ class SpeedStudy:
     Parameters
     ----------
     repeats : timed calls per row (median reported), after one warm-up call.
-    batch_size : ablations per compiled batch in the ``head`` and ``full`` modes.
-    budget_s : a row whose complete run (warm-up + repeats, all images) is estimated to take
-        longer is extrapolated from ``sample_masks`` masks on one image instead.
+    batch_size : evaluations per compiled batch in the ``head`` and ``full`` modes.
+    budget_s : a row whose complete run (``repeats`` calls on all images) is estimated to take
+        longer is extrapolated from a sample of ``sample_masks`` evaluations (16 at most in the
+        per-mask mode) on one image instead.
     """
 
     model: keras.Model
     images: np.ndarray
     repeats: int = 3
     batch_size: int = 64
-    budget_s: float = 15.0
+    budget_s: float = 5.0
     sample_masks: int = 32
     progress: bool = True
     rows: list = field(default_factory=list)
@@ -174,117 +236,334 @@ class SpeedStudy:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.forward_ms = None
+        self.targets = None  # the model's class per image, from the forward pass
+        #: The study's own time: one dict per row (row, wall and CPU seconds), in order.
+        self.wall: list[dict] = []
+        self._forward_fn = None
+        self._compiled = {}  # what a compiled function computes -> the tf.function
+        self._first = {}  # (layer, score) -> image 0, its target activation and bypass
+        self._samples = {}  # cost key -> (ms per evaluation slot, evaluations timed, row)
+        self._warm = set()  # (layer, score, mode) whose gradient functions ran on the images
 
     def _log(self, message: str) -> None:
         if self.progress:
             tqdm.write(f"[{time.strftime('%H:%M:%S')}] {message}")
 
-    def _add(self, row: dict, memory: "PeakMemory | None" = None) -> dict:
+    def _add(self, row: dict, memory: "PeakMemory | None" = None, started: tuple | None = None
+             ) -> dict:
         if memory is not None:
             row["peak MB"], row["GPU peak MB"] = memory.peak_mb, memory.gpu_peak_mb
             # What the row itself added: RSS also holds what earlier rows left allocated.
             row["peak +MB"] = memory.peak_mb - memory.start_mb
         row.setdefault("x forward", row["ms/image"] / self.forward_ms if self.forward_ms else 1.0)
         self.rows.append(row)
+        seconds, cpu = (np.subtract(_clock(), started) if started is not None
+                        else (float("nan"), float("nan")))
+        self.wall.append({"layer": row.get("layer", ""), "method": row["method"],
+                          "mode": row.get("mode", ""), "seconds": seconds, "CPU seconds": cpu,
+                          "measured": row["measured"]})
         self._log(f"{row['method']:<24} {row.get('mode', ''):<9} {row.get('layer', ''):<22} "
                   f"{row['ms/image']:>10.1f} ms/image  {row['x forward']:>8.2f}x  "
-                  f"{row['measured']}")
+                  f"(row {seconds:.1f} s, {cpu:.1f} CPU s)  {row['measured']}")
         return row
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows).reindex(columns=COLUMNS)
 
+    def wall_times(self) -> pd.DataFrame:
+        """The study's own seconds per row (building, tracing, sampling, timing): what a run of
+        the study costs, and where. ``CPU seconds`` (every thread of the process) depends less
+        than the wall time on what else runs on the machine."""
+        return pd.DataFrame(self.wall, columns=["layer", "method", "mode", "seconds",
+                                                "CPU seconds", "measured"])
+
+    # -- shared compiled functions -------------------------------------------------------
+
+    def _shared(self, key: tuple, function):
+        """The compiled function registered under ``key`` (what it computes, on which
+        shapes), or ``function``, registered now: explainers that compute the same thing share
+        one trace instead of tracing DenseNet-169 again (seconds each)."""
+        return self._compiled.setdefault(key, function)
+
+    def _build(self, method: str, layer, **options):
+        """``method`` (a name :func:`cam.method_key` accepts) at ``layer``, reusing the trunk,
+        head and gradient functions compiled by earlier explainers at the layer (they read
+        only the split, the same for every explainer there) and the whole-model function."""
+        explainer = method_class(method)(self.model, layer, **options)
+        base = (explainer.layer, explainer.score)
+        for name in ("_trunk", "_head"):
+            setattr(explainer, name, self._shared(base + (name,), getattr(explainer, name)))
+        # The whole model with nothing replaced is the same function at every layer.
+        explainer._full = self._shared(("model", explainer.score, "_full"), explainer._full)
+        if isinstance(explainer, GradientExplainer):
+            explainer._gradients = self._shared(base + ("_gradients", explainer.mode),
+                                                explainer._gradients)
+        return explainer
+
+    def release(self, layer: str, keep=()) -> None:
+        """Drop what is kept for ``layer`` (its compiled functions, first-image activation and
+        samples): every trace of DenseNet-169 holds tens of MB until it is dropped. The
+        compiled functions named in ``keep`` ("_trunk", "_head") stay, with the first-image
+        activation that warmed them."""
+        for key in [k for k in self._compiled if k[0] == layer and k[2] not in keep]:
+            del self._compiled[key]
+        for store in (self._samples, {} if keep else self._first):
+            for key in [k for k in store if k[0] == layer]:
+                del store[key]
+        self._warm = {k for k in self._warm if k[0] != layer}
+        gc.collect()
+
+    def _first_image(self, explainer) -> tuple:
+        """Image 0, its target activation and bypass at the explainer's layer, computed once
+        per layer with the shared compiled trunk and head on all images (the shapes every
+        complete run uses when the images fit in one trunk batch, so those are compiled and
+        warm afterwards)."""
+        key = (explainer.layer, explainer.score)
+        if key not in self._first:
+            activation, bypass = explainer._trunk(tf.constant(self.images[:TRUNK_BATCH]))
+            explainer._head(activation, bypass)
+            self._first[key] = (tf.constant(self.images[:1]), activation[:1],
+                                [b[:1] for b in bypass])
+        return self._first[key]
+
+    def _warm_head(self, explainer) -> bool:
+        """Whether a complete run of ``explainer`` finds every compiled function warm once its
+        sample ran: head mode (the trunk and head ran on these shapes in :meth:`_first_image`)
+        with all images in one trunk batch."""
+        return explainer.mode == "head" and len(self.images) <= TRUNK_BATCH
+
+    def _ready(self) -> None:
+        if self.forward_ms is None:
+            self.forward()
+
     # -- rows ----------------------------------------------------------------------------
 
     def forward(self) -> dict:
         """The floor: the faster of ``model.predict`` and a compiled ``model(x)`` on the batch."""
+        started = _clock()
         batch = tf.constant(self.images)
-        call = tf.function(lambda x: self.model(x, training=False))
+        if self._forward_fn is None:  # compiled once: the second timing needs no new trace
+            self._forward_fn = tf.function(lambda x: self.model(x, training=False))
+        call = self._forward_fn
         n = len(self.images)
         timings = {}
         with PeakMemory() as memory:
             timings["tf.function(model)"] = median_ms(lambda: call(batch).numpy(), self.repeats) / n
             timings["model.predict"] = median_ms(
                 lambda: self.model.predict(self.images, batch_size=n, verbose=0), self.repeats) / n
+        self.targets = np.asarray(call(batch)).argmax(axis=1)
         best = min(timings, key=timings.get)
         self.forward_ms = timings[best]
         return self._add({"layer": "", "grid": "", "method": "forward pass", "mode": "",
                           "batch size": n, "evaluations/image": 1, "ms/image": self.forward_ms,
                           "x forward": 1.0, "measured": "all",
                           "notes": f"{best}; " + ", ".join(f"{k} {v:.1f} ms"
-                                                          for k, v in timings.items())}, memory)
+                                                          for k, v in timings.items())},
+                         memory, started)
 
     def _base(self, explainer, method: str, mode: str, batch_size) -> dict:
         shape = explainer.split.target_shape
         return {"layer": explainer.layer, "grid": "x".join(str(d) for d in shape),
                 "method": method, "mode": mode, "batch size": batch_size}
 
-    def gradcam(self, layer: str, mode: str = "head") -> dict:
-        explainer = GradCAM(self.model, layer, mode=mode)
-        row = self._base(explainer, "Grad-CAM", mode, len(self.images))
+    def gradient(self, method: str, layer: str, mode: str = "head") -> dict:
+        """A gradient method (Grad-CAM, Grad-CAM++, ...): every image, ``repeats`` calls.
+
+        Gradient methods at one layer and mode share the compiled trunk, head and gradient;
+        only the channel weights (numpy) differ, so after the first of them no warm-up call
+        is needed."""
+        self._ready()
+        started = _clock()
+        explainer = self._build(method, layer, mode=mode)
+        if not isinstance(explainer, GradientExplainer):
+            raise ValueError(f"{method!r} is not a gradient method")
+        row = self._base(explainer, explainer.name, mode, len(self.images))
+        key = (explainer.layer, explainer.score, mode)
         with PeakMemory() as memory:
-            ms = median_ms(lambda: explainer(self.images), self.repeats) / len(self.images)
+            ms = median_ms(lambda: explainer(self.images), self.repeats,
+                           warm_up=key not in self._warm) / len(self.images)
+        self._warm.add(key)
         notes = ("trunk forward, head forward + backward" if mode == "head"
                  else "whole-network forward + backward")
         return self._add({**row, "evaluations/image": 1, "ms/image": ms,
-                          "measured": "all", "notes": notes}, memory)
+                          "measured": "all", "notes": notes}, memory, started)
 
-    def ablation(self, method: str, layer: str, mode: str, window: int = 1,
-                 batch_size: int | None = None) -> dict:
-        """One ablation row; ``method`` is "Ablation-CAM" or "FastAblationCAM"."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        size = 1 if mode == "per-mask" else (batch_size or self.batch_size)
-        run_mode = "head" if mode == "head" else "full"
-        if method == "Ablation-CAM":
-            explainer = AblationCAM(self.model, layer, batch_size=size, mode=run_mode)
-            label = method
-        elif method == "FastAblationCAM":
-            explainer = FastAblationCAM(self.model, layer, window=window, batch_size=size,
-                                        mode=run_mode)
-            label = f"FastAblationCAM w{window}"
-        else:
-            raise ValueError(f"method must be 'Ablation-CAM' or 'FastAblationCAM', got {method!r}")
-        row = self._base(explainer, label, mode, size)
-        evaluations = explainer.evaluations_per_image
-        row["evaluations/image"] = evaluations
-        masks = explainer.masks(explainer.split.target_shape)
-        # Masks actually pushed per image: mask_batches pads the last batch to the batch size,
-        # and uses one batch of exactly `evaluations` masks when they fit in one.
-        per_batch = min(size, evaluations)
-        slots = math.ceil(evaluations / per_batch) * per_batch
-        # Time a sample of masks on one image to decide between a complete run and extrapolation.
-        n_sample = min(len(masks), min(16, self.sample_masks) if mode == "per-mask"
-                       else max(size, self.sample_masks // size * size))
-        sample = masks[:n_sample]
-        image = tf.constant(self.images[:1])
-        activation, bypass = explainer.split.trunk(image)
-        target = int(np.argmax(explainer.split.head(activation, bypass)[0]))
-        sample_batches = explainer.mask_batches(sample)
-        time_sample = lambda: explainer.ablated_scores(  # noqa: E731
-            image, activation, bypass, target, sample_batches)
+    def gradcam(self, layer: str, mode: str = "head") -> dict:
+        return self.gradient("Grad-CAM", layer, mode)
+
+    def _sampled(self, row: dict, started: tuple, *, evaluations: int, slots: int, unit: str,
+                 sample, sample_count: int, sample_slots: int, warm_up=True, run_all=None,
+                 warm: bool = False, key=None, notes: str = "") -> dict:
+        """The protocol of every row with many evaluations per image.
+
+        ``sample()`` scores ``sample_count`` evaluations (``sample_slots`` with padding) on one
+        image; ``warm_up`` is its untimed first call (see :func:`timings_ms`). If a
+        complete run (``repeats`` calls of ``run_all()`` on every image, ``slots``
+        evaluations per image with padding) is estimated to fit in ``budget_s``, it is timed
+        (with no warm-up call when ``warm``: the sample and the layer's trunk already ran its
+        compiled functions on its shapes); else the row is one forward pass plus ``slots``
+        times the sample's cost per slot, and ``measured`` says so. A row with the ``key`` of
+        an earlier row would time the same passes on batches of the same size, so it reuses
+        that sample and says whose it is.
+        """
+        n = len(self.images)
         with PeakMemory() as memory:
-            sample_ms = median_ms(time_sample, 1)
-            per_mask = sample_ms / (len(sample_batches) * len(sample_batches[0]))
-            estimate_s = per_mask * slots * len(self.images) * (self.repeats + 1) / 1000
-            if estimate_s <= self.budget_s:
-                ms = median_ms(lambda: explainer(self.images), self.repeats) / len(self.images)
+            reused = self._samples.get(key) if key is not None else None
+            if reused is None:
+                per_slot = median_ms(sample, self.repeats, warm_up) / sample_slots
+                if key is not None:
+                    self._samples[key] = (per_slot, sample_count, f"{row['method']} {row['mode']}")
+            else:
+                per_slot = reused[0]
+            estimate_s = per_slot * slots * n * self.repeats / 1000
+            if run_all is not None and estimate_s <= self.budget_s:
+                ms = median_ms(run_all, self.repeats, warm_up=not warm) / n
                 measured = "all"
             else:
-                # Repeat the sample too when that is cheap (under ~10 s in all).
-                if sample_ms * self.repeats < 10_000:
-                    sample_ms = median_ms(time_sample, self.repeats)
-                    per_mask = sample_ms / (len(sample_batches) * len(sample_batches[0]))
-                ms = self.forward_ms + per_mask * slots
-                measured = (f"extrapolated: {len(sample)} of {evaluations} masks timed on 1 "
-                            f"image (a complete run: ~{estimate_s:.0f} s)")
-        notes = {"head": "trunk once per image; ablated batches through the head only",
-                 "full": "every ablated batch reruns the whole network",
-                 "per-mask": "one whole-network pass per mask, one image at a time"}[mode]
-        return self._add({**row, "ms/image": ms, "measured": measured, "notes": notes}, memory)
+                ms = self.forward_ms + per_slot * slots
+                complete = f"a complete run: ~{estimate_s:.0f} s"
+                if reused is None:
+                    measured = (f"extrapolated: {sample_count} of {evaluations} {unit}s timed "
+                                f"on 1 image ({complete})")
+                else:
+                    measured = (f"extrapolated: cost per {unit} from the {reused[1]} {unit}s "
+                                f"timed on 1 image for {reused[2]}, the same passes on batches "
+                                f"of the same size ({complete})")
+        return self._add({**row, "evaluations/image": evaluations, "ms/image": ms,
+                          "measured": measured, "notes": notes}, memory, started)
+
+    def _ablation_explainer(self, method: str, layer: str, mode: str, window: int = 1,
+                            batch_size: int | None = None, gaussian: bool = False) -> tuple:
+        """(explainer, table name, masks, cost key) for an ablation row.
+
+        Ablation methods share a compiled scoring function when it sees the same shapes and
+        dtype (FastAblationCAM's windows in the per-mask mode, ReciproCAM with and without its
+        Gaussian): one trace. Rows with the same cost key reuse one timed sample. In the full
+        and per-mask modes that is every row at the layer with batches of the same size: each
+        mask costs one whole-network pass, and how a mask is applied (which cells or channels,
+        boolean or float) is one elementwise op next to it. In the head mode, where the head
+        can be as small as a pooling and a dense layer, it is the same compiled call only."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if method not in ABLATION_METHODS:
+            raise ValueError(f"method must be one of {', '.join(ABLATION_METHODS)}, "
+                             f"got {method!r}")
+        size = 1 if mode == "per-mask" else (batch_size or self.batch_size)
+        run_mode = "head" if mode == "head" else "full"
+        options, label = {}, method
+        if method == "FastAblationCAM":
+            options, label = {"window": window}, f"{method} w{window}"
+        elif method == "ReciproCAM":
+            options, label = {"gaussian": gaussian}, method + " gaussian" * bool(gaussian)
+        explainer = self._build(method, layer, batch_size=size, mode=run_mode, **options)
+        masks = explainer.masks(explainer.split.target_shape)
+        name = "_score_head" if run_mode == "head" else "_score_full"
+        per_batch = _slots(len(masks), size)[0]
+        dtype = "bool" if masks.dtype == bool else "float32"
+        base = (explainer.layer, explainer.score, name, explainer.ablation_value, per_batch)
+        key = base + (masks.shape[1:], dtype)
+        setattr(explainer, name, self._shared(key, getattr(explainer, name)))
+        return explainer, label, masks, key if run_mode == "head" else base
+
+    def ablation(self, method: str, layer: str, mode: str, window: int = 1,
+                 batch_size: int | None = None, gaussian: bool = False) -> dict:
+        """One ablation row; ``method`` is one of :data:`ABLATION_METHODS` (``window`` is
+        FastAblationCAM's, ``gaussian`` ReciproCAM's)."""
+        self._ready()
+        started = _clock()
+        explainer, label, masks, key = self._ablation_explainer(method, layer, mode, window,
+                                                                batch_size, gaussian)
+        size = explainer.batch_size
+        row = self._base(explainer, label, mode, size)
+        evaluations = len(masks)
+        slots = _slots(evaluations, size)[1]
+        # A sample of masks on one image decides between a complete run and extrapolation.
+        n_sample = min(evaluations, min(PER_MASK_SAMPLE, self.sample_masks) if mode == "per-mask"
+                       else max(size, self.sample_masks // size * size))
+        batches = explainer.mask_batches(masks[:n_sample])
+        image, activation, bypass = self._first_image(explainer)
+        target = int(self.targets[0])
+        score = lambda b: explainer.ablated_scores(  # noqa: E731
+            image, activation, bypass, target, b)
+        return self._sampled(
+            row, started, evaluations=evaluations, slots=slots, unit="mask",
+            sample=lambda: score(batches), sample_count=n_sample,
+            sample_slots=len(batches) * len(batches[0]), warm_up=lambda: score(batches[:1]),
+            run_all=lambda: explainer(self.images), warm=self._warm_head(explainer), key=key,
+            notes=NOTES[mode] + ("; keeps one cell per evaluation" * (method == "ReciproCAM")))
+
+    def scorecam(self, layer: str, channels: int | None = None) -> dict:
+        """Score-CAM (ours): one whole-network pass per channel, or per each of the top
+        ``channels`` by spatial variance (Faster Score-CAM)."""
+        self._ready()
+        started = _clock()
+        explainer = self._build("Score-CAM", layer, batch_size=self.batch_size,
+                                channels=channels)
+        label = "Score-CAM" if channels is None else f"Score-CAM top-{channels}"
+        row = self._base(explainer, label, "full", self.batch_size)
+        evaluations = explainer.channels_used
+        per_batch, slots = _slots(evaluations, self.batch_size)
+        key = (explainer.layer, explainer.score, "_masked",
+               (per_batch,) + self.images.shape[1:3])
+        explainer._masked = self._shared(key, explainer._masked)
+        # The sample: the explainer itself on image 0 with its channels cut to whole batches
+        # (masks made, the masked images scored, as in a complete run).
+        sampler = copy.copy(explainer)
+        sampler.channels = min(evaluations,
+                               per_batch * max(1, self.sample_masks // per_batch))
+        _, activation, _ = self._first_image(explainer)
+        targets = self.targets[:1]
+        notes = (f"trunk once per image; one whole-network pass per channel (the image times "
+                 f"the channel's upsampled map), in batches of {per_batch}")
+        if channels is not None:
+            notes = (f"channels={channels}: per image the {channels} channels of largest "
+                     f"spatial variance (Faster Score-CAM); " + notes)
+        return self._sampled(
+            row, started, evaluations=evaluations, slots=slots, unit="channel",
+            sample=lambda: sampler.raw_maps(self.images[:1], activation, [], targets, None),
+            sample_count=sampler.channels, sample_slots=sampler.channels,
+            run_all=lambda: explainer(self.images), warm=self._warm_head(explainer), key=key,
+            notes=notes)
+
+    def occlusion(self, window: int | None = None, stride: int | None = None,
+                  layer=None) -> dict:
+        """Occlusion of the input: one whole-network pass per patch position (``window`` and
+        ``stride`` in pixels; None: the library's default)."""
+        self._ready()
+        started = _clock()
+        explainer = self._build("Occlusion", layer, window=window, stride=stride,
+                                batch_size=self.batch_size)
+        size = self.images.shape[1:3]
+        window, stride = explainer.geometry(size)
+        masks = explainer.masks(size)
+        evaluations = len(masks)
+        per_batch, slots = _slots(evaluations, self.batch_size)
+        key = (explainer.layer, explainer.score, "_occluded", explainer.baseline,
+               (per_batch,) + tuple(size))
+        explainer._occluded = self._shared(key, explainer._occluded)
+        count = min(slots, per_batch * max(1, self.sample_masks // per_batch))
+        padded = np.concatenate([masks, np.zeros((slots - evaluations,) + masks.shape[1:], bool)])
+        batches = [tf.constant(padded[i:i + per_batch]) for i in range(0, count, per_batch)]
+        image, target = tf.constant(self.images[:1]), tf.constant(int(self.targets[0]))
+        baseline = tf.constant(explainer.baseline, tf.float32)
+        sample = lambda: tf.concat(  # noqa: E731
+            [explainer._occluded(image, b, baseline, target) for b in batches], 0).numpy()
+        row = {"layer": explainer.layer, "grid": "x".join(str(d) for d in self.images.shape[1:]),
+               "method": f"Occlusion {window} px, stride {stride}", "mode": "full",
+               "batch size": self.batch_size}
+        return self._sampled(
+            row, started, evaluations=evaluations, slots=slots, unit="position",
+            sample=sample, sample_count=min(count, evaluations), sample_slots=count,
+            warm_up=lambda: explainer._occluded(image, batches[0], baseline, target).numpy(),
+            run_all=lambda: explainer(self.images), key=key,
+            notes=(f"{window}x{window}-pixel patches of the input every {stride} px set to "
+                   f"{explainer.baseline}; one whole-network pass per position, in batches "
+                   f"of {per_batch}"))
 
     def peer(self, layer: str) -> list[dict]:
         """tf-keras-vis Gradcam and Scorecam at ``layer``, or one row saying it is missing."""
+        self._ready()
+        started = _clock()
         try:
             from tf_keras_vis.gradcam import Gradcam
             from tf_keras_vis.scorecam import Scorecam
@@ -296,16 +575,17 @@ class SpeedStudy:
             return [self._add({"layer": layer, "method": "tf-keras-vis", "mode": "peer",
                                "ms/image": np.nan, "x forward": np.nan,
                                "measured": "skipped: tf-keras-vis is not installed "
-                                           "(pip install '.[peer]')", "notes": ""})]
+                                           "(pip install '.[peer]')", "notes": ""},
+                              started=started)]
         version = tf_keras_vis.__version__
-        probs = self.model.predict(self.images, verbose=0)
-        score = CategoricalScore(probs.argmax(1).tolist())
+        # Built per layer: kept alive, they keep their compiled functions and the memory.
+        gradcam = Gradcam(self.model, model_modifier=ReplaceToLinear(), clone=True)
+        score = CategoricalScore(self.targets.tolist())
         shape = dict(candidate_layers(self.model))[layer][1:]
         grid, channels = "x".join(str(d) for d in shape), shape[-1]
         # seek_penultimate_conv_layer=False: by default tf-keras-vis walks back from a non-conv
         # layer to the nearest convolution (for DenseNet's `relu`, the 32-channel
         # conv5_block32_2_conv), which would time and explain a different layer.
-        gradcam = Gradcam(self.model, model_modifier=ReplaceToLinear(), clone=True)
         rows = []
         with PeakMemory() as memory:
             ms = median_ms(lambda: gradcam(score, self.images, penultimate_layer=layer,
@@ -315,18 +595,20 @@ class SpeedStudy:
             "layer": layer, "grid": grid, "method": "tf-keras-vis Gradcam", "mode": "peer",
             "batch size": len(self.images), "evaluations/image": 1, "ms/image": ms,
             "measured": "all",
-            "notes": f"tf-keras-vis {version}, ReplaceToLinear, whole-network gradient"}, memory))
+            "notes": f"tf-keras-vis {version}, ReplaceToLinear, whole-network gradient"},
+            memory, started))
         # Score-CAM costs one whole-network pass per channel; time a sample of channels on one
         # image (max_N keeps the top-variance ones) and scale the per-channel cost.
+        started = _clock()
         scorecam = Scorecam(self.model)
         one = self.images[:1]
-        one_score = CategoricalScore([int(probs[0].argmax())])
+        one_score = CategoricalScore([int(self.targets[0])])
         n = min(channels, self.sample_masks)
         run = lambda: scorecam(one_score, one, penultimate_layer=layer,  # noqa: E731
                                seek_penultimate_conv_layer=False, max_N=n, batch_size=32)
         with PeakMemory() as memory:
             with _quiet():
-                sample_ms = median_ms(run, max(1, self.repeats - 1))
+                sample_ms = median_ms(run, self.repeats)
         per_channel = max(sample_ms - self.forward_ms, 0) / n
         ms = self.forward_ms + per_channel * channels
         measured = "all" if n == channels else \
@@ -335,28 +617,53 @@ class SpeedStudy:
             "layer": layer, "grid": grid, "method": "tf-keras-vis Scorecam", "mode": "peer",
             "batch size": 32, "evaluations/image": channels, "ms/image": ms,
             "measured": measured,
-            "notes": f"tf-keras-vis {version}; one whole-network pass per channel"}, memory))
+            "notes": f"tf-keras-vis {version}; one whole-network pass per channel"},
+            memory, started))
+        gc.collect()  # tf-keras-vis' models and tapes hold GBs until collected
         return rows
 
     # -- the whole study -----------------------------------------------------------------
 
-    def run(self, layers, windows=(1, 2, 3), peer: bool = True) -> pd.DataFrame:
+    def other_methods(self, layer: str, occlusion=OCCLUSION,
+                      scorecam_channels: int | None = SCORECAM_CHANNELS) -> None:
+        """The methods beyond Grad-CAM, Ablation-CAM and FastAblationCAM at ``layer``:
+        Grad-CAM++, XGrad-CAM, LayerCAM and HiResCAM head-only; ReciproCAM in the three
+        modes and with its Gaussian head-only; Score-CAM with every channel and with the top
+        ``scorecam_channels``; Occlusion with ``occlusion`` = (window, stride) in pixels."""
+        for method in GRADIENT_METHODS:
+            self.gradient(method, layer)
+        for mode in MODES:
+            self.ablation("ReciproCAM", layer, mode)
+        self.ablation("ReciproCAM", layer, "head", gaussian=True)
+        self.scorecam(layer)
+        if scorecam_channels:
+            self.scorecam(layer, scorecam_channels)
+        self.release(self.occlusion(*occlusion)["layer"])
+
+    def run(self, layers, windows=(1, 2, 3), peer: bool = True, others: bool = True,
+            occlusion=OCCLUSION, scorecam_channels: int | None = SCORECAM_CHANNELS
+            ) -> pd.DataFrame:
         """Forward pass, then per layer: Grad-CAM (head, full), Ablation-CAM and
-        FastAblationCAM at each window in the three modes, and the peer rows; then the forward
-        pass again (see :meth:`settle_forward`)."""
+        FastAblationCAM at each window in the three modes, and the peer rows; at the first
+        layer also :meth:`other_methods` (``others``); then the forward pass again (see
+        :meth:`settle_forward`)."""
         self.forward()
-        for layer in layers:
+        for i, layer in enumerate(layers):
             for mode in ("head", "full"):
-                self.gradcam(layer, mode)
+                self.gradient("Grad-CAM", layer, mode)
             for mode in MODES:
                 self.ablation("Ablation-CAM", layer, mode)
-            grid = min(GradCAM(self.model, layer).split.target_shape[:2])
+            grid = min(self._build("Grad-CAM", layer).split.target_shape[:2])
             for window in windows:
                 if window > grid:
                     self._log(f"window {window} skipped at {layer}: its grid is {grid} wide")
                     continue
                 for mode in MODES:
                     self.ablation("FastAblationCAM", layer, mode, window=window)
+            if others and i == 0:
+                self.other_methods(layer, occlusion, scorecam_channels)
+            # the first layer's trunk and head serve batch_sweep, which releases them
+            self.release(layer, keep=("_trunk", "_head") if i == 0 else ())
             if peer:
                 self.peer(layer)
         self.settle_forward()
@@ -370,6 +677,7 @@ class SpeedStudy:
         first = self.rows[0]
         again = self.forward()
         self.rows.pop()
+        self.wall[-1]["method"] = "forward pass (again)"
         if again["ms/image"] < first["ms/image"]:
             first.update({k: again[k] for k in ("ms/image", "notes", "peak MB", "peak +MB",
                                                 "GPU peak MB")})
@@ -379,16 +687,24 @@ class SpeedStudy:
             row["x forward"] = row["ms/image"] / self.forward_ms
 
     def batch_sweep(self, layer: str, batch_sizes=(1, 4, 16, 64, 256)) -> pd.DataFrame:
-        """Head-only Ablation-CAM and FastAblationCAM (window 1) at each batch size."""
-        if self.forward_ms is None:
-            self.forward()
-        start = len(self.rows)
+        """Head-only Ablation-CAM and FastAblationCAM (window 1) at each batch size. A row the
+        main table already has (same layer, method, mode and batch size) is taken from it,
+        not timed again. Releases ``layer``'s compiled functions afterwards."""
+        self._ready()
+        done = {(r.get("layer"), r["method"], r.get("mode"), r.get("batch size")): r
+                for r in self.rows}
+        sweep = []
         for size in batch_sizes:
-            self.ablation("Ablation-CAM", layer, "head", batch_size=size)
-            self.ablation("FastAblationCAM", layer, "head", batch_size=size)
-        sweep = pd.DataFrame(self.rows[start:]).reindex(columns=COLUMNS)
-        del self.rows[start:]
-        return sweep
+            for method, label in (("Ablation-CAM", "Ablation-CAM"),
+                                  ("FastAblationCAM", "FastAblationCAM w1")):
+                row = done.get((layer, label, "head", size))
+                if row is not None:
+                    sweep.append({**row, "notes": row["notes"] + " (the main table's row)"})
+                    continue
+                self.ablation(method, layer, "head", batch_size=size)
+                sweep.append(self.rows.pop())
+        self.release(layer)
+        return pd.DataFrame(sweep).reindex(columns=COLUMNS)
 
 
 class _quiet:
@@ -404,13 +720,14 @@ class _quiet:
 
 
 def speed_ups(table: pd.DataFrame) -> pd.DataFrame:
-    """For each layer and ablation method: how many times faster head-only is than the full
-    and per-mask modes, and than tf-keras-vis Scorecam for Ablation-CAM."""
+    """For each layer and method with a head-only row and a full or per-mask one: how many
+    times faster head-only is than the full and per-mask modes, and than tf-keras-vis
+    Scorecam for Ablation-CAM."""
     out = []
     for (layer, method), rows in table[table["mode"].isin(MODES)].groupby(
             ["layer", "method"], sort=False):
         ms = rows.set_index("mode")["ms/image"]
-        if "head" not in ms:
+        if "head" not in ms or not ({"full", "per-mask"} & set(ms.index)):
             continue
         record = {"layer": layer, "method": method,
                   "full / head": ms.get("full", np.nan) / ms["head"],
