@@ -63,7 +63,13 @@ SMALL = {
 #: window sweep with two windows (window 1 and a larger one still cover every code path; the
 #: four windows took 523 s of `make test`).
 SMALL_NOTEBOOK = {("polen23e", "04"): {"layers": ["relu"], "windows": [1, 2]},
-                  ("polen23e", "06"): {"windows": [1, 2]}}
+                  ("polen23e", "06"): {"windows": [1, 2]},
+                  # Score-CAM and Occlusion (a whole-network pass per mask) on 2 images with
+                  # 4 masks each; ROAD on 2 images at one fraction.
+                  ("polen23e", "03"): {"costly_images": 2, "scorecam_channels": 4,
+                                       "occlusion_window": 112},
+                  ("polen23e", "05"): {"road_images": 2, "costly_images": 2, "road_fractions": [0.5],
+                                       "scorecam_channels": 4, "occlusion_window": 112}}
 
 
 def notebooks(dataset: str, only=()) -> list[Path]:
