@@ -12,10 +12,15 @@ export POLEN23E_DIR ?= $(if $(wildcard data/polen23e),$(CURDIR)/data/polen23e,)
 help:
 	@awk '/^## /{doc=substr($$0,4); next} /^[a-zA-Z0-9_-]+:/{if(doc){split($$0,t,":"); printf "  make %-12s %s\n", t[1], doc}; doc=""}' $(MAKEFILE_LIST)
 
+# The other two Keras backends, CPU builds, for the library's tests on each: torch pinned to the
+# CPU build this machine keeps on disk (an unpinned torch from PyPI is a CUDA build of several GB).
+BACKEND_PKGS ?= torch==2.13.0 'jax>=0.4.34'
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[study,test,notebooks,peer]'
+	$(PY) -m pip install --quiet $(BACKEND_PKGS)
+	$(PY) -m pip install --quiet -e '.[study,test,notebooks,peer,jax,torch]'
 	@# the git filter; .gitattributes (committed) already names notebooks/*.ipynb, so nbstripout
 	@# adds no *.ipynb line there: results/*/notebooks/ keep their outputs
 	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
@@ -27,22 +32,33 @@ venv: $(STAMP)
 CI_NB := build/ci-notebooks
 CORE_VENV := build/core-venv
 
-## Run the test suite, every notebook with small parameters, and the core-install check
-test: $(STAMP) test-core
+# The library's own tests (no study, no notebooks), run once more on each other backend.
+LIBRARY_TESTS := tests/test_explainers.py tests/test_methods.py tests/test_reciprocam.py \
+  tests/test_perturbation_methods.py tests/test_tokens.py tests/test_graph.py \
+  tests/test_keras_internals.py tests/test_backends.py
+
+## Run the test suite (TensorFlow), the library's tests on JAX and PyTorch, every notebook with small parameters, and the core-install check
+test: $(STAMP) test-core test-backends
 	@rm -rf $(CI_NB)
 	$(PY) -m cam.study.reproduce synthetic --small --prepare-only --out $(CI_NB)/synthetic
 	@if [ -n "$(POLEN23E_DIR)" ]; then \
 	  $(PY) -m cam.study.reproduce polen23e --small --prepare-only --out $(CI_NB)/polen23e; \
 	else echo "POLEN23E_DIR is not set: the POLEN23E notebook runs are left out"; fi
-	$(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env -p no:cacheprovider --durations=15
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env \
+	  -p no:cacheprovider --durations=15
 
-## Install the library alone (no extras) in a throwaway venv and run its command line there
+## The library's tests on the JAX and PyTorch backends
+test-backends: $(STAMP)
+	KERAS_BACKEND=jax $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
+	KERAS_BACKEND=torch $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
+
+## Install the library with JAX alone (no TensorFlow, no study) in a throwaway venv and run its command line there
 test-core:
 	@rm -rf $(CORE_VENV) && $(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CORE_VENV)/bin/python -m pip install --quiet .
+	$(CORE_VENV)/bin/python -m pip install --quiet '.[jax]'
 	@rm -rf build/lib build/bdist.* *.egg-info
-	cd /tmp && $(CURDIR)/$(CORE_VENV)/bin/python $(CURDIR)/tests/core_install_check.py
+	cd /tmp && KERAS_BACKEND=jax $(CURDIR)/$(CORE_VENV)/bin/python $(CURDIR)/tests/core_install_check.py
 
 # One target per notebook and dataset: a stamp build/reproduce/<dataset>/<name>.done, local to
 # this checkout (build/ is git-ignored), touched when the notebook has run; the notebook writes
@@ -133,5 +149,5 @@ train: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
-.PHONY: help venv test test-core data folds train reproduce demo lab benchmark force-rerun \
+.PHONY: help venv test test-core test-backends data folds train reproduce demo lab benchmark force-rerun \
   reproduce-log-polen23e reproduce-log-synthetic

@@ -62,6 +62,7 @@ __version__ = "0.2.0"
 
 def __getattr__(name):
     if name in _EXPORTS:
+        importlib.import_module(".backend", __name__)  # Keras and its backend, or a clear error
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'cam' has no attribute {name!r}")
 

@@ -42,16 +42,19 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def _import_tensorflow() -> None:
+def _import_backend() -> None:
+    """Keras and its backend (KERAS_BACKEND), with TensorFlow's start-up noise kept quiet."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if os.environ.get("CAM_TRACEBACK"):
-        import keras  # noqa: F401
+        from . import backend  # noqa: F401
         return
     with _quiet_stderr():
-        import keras  # noqa: F401
-        import tensorflow
+        from . import backend
 
-        tensorflow.constant(0)  # starts the runtime, whose device probe also writes to stderr
+        if backend.name() == "tensorflow":
+            import tensorflow
+
+            tensorflow.constant(0)  # starts the runtime, whose device probe also writes to stderr
 
 
 class UsageError(Exception):
@@ -124,7 +127,7 @@ def _check_model_path(path: str) -> Path:
 
 def _load_model(path: str, imports=()):
     model_path = _check_model_path(path)
-    _import_tensorflow()
+    _import_backend()
     import importlib
 
     import keras
@@ -203,7 +206,7 @@ def _explain(args) -> int:
         if not Path(path).is_file():
             raise FileNotFoundError(f"image file {path!r} does not exist")
     classes = args.classes.split(",") if args.classes else None
-    _import_tensorflow()
+    _import_backend()
     from .explainers import method_class
 
     method = method_class(key)

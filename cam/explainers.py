@@ -33,23 +33,16 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 from tqdm.auto import tqdm
 
+from . import backend as B
 from . import maps as M
 from .graph import Split
 
 MODES = ("head", "full")
 #: Images pushed through the trunk at once (bounded to keep the trunk's memory small).
 TRUNK_BATCH = 16
-
-
-def _check_backend() -> None:
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            f"cam needs Keras' TensorFlow backend (gradients and compiled ablation batches use "
-            f"tf.function); KERAS_BACKEND is {keras.backend.backend()!r}"
-        )
 
 
 class Explainer:
@@ -59,7 +52,7 @@ class Explainer:
 
     def __init__(self, model: keras.Model, layer: str | int | None = None, score: str = "logit",
                  mode: str = "head", reshape=None):
-        _check_backend()
+        B.name()  # a clear error on a backend cam does not run on
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
@@ -68,13 +61,16 @@ class Explainer:
         self.split = Split(model, layer, score, reshape)
         self.layer = self.split.layer
         self.score = score
-        # Fresh closures per explainer: tf.function keys its retracing warnings on the Python
-        # function, and several explainers on one model would otherwise share a counter.
-        self._trunk = tf.function(lambda x: self.split.trunk(x), reduce_retracing=True)
-        self._head = tf.function(lambda a, b: self.split.head(a, b), reduce_retracing=True)
-        self._full = tf.function(lambda x: self.split.full(x), reduce_retracing=True)
+        # Compiled once per explainer (cam.backend: tf.function, jax.jit or torch.no_grad).
+        self._trunk = self.compiled(self.split.trunk)
+        self._head = self.compiled(self.split.head)
+        self._full = self.compiled(self.split.full)
         self.last_targets: np.ndarray | None = None
         self.last_scores: np.ndarray | None = None
+
+    def compiled(self, fn) -> B.Compiled:
+        """``fn`` compiled for the backend, reading this explainer's model weights."""
+        return B.compiled(fn, self.model.variables)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model.name!r}, layer={self.layer!r}, "
@@ -177,11 +173,11 @@ class Explainer:
         chunks, all_targets, all_scores = [], [], []
         for start in range(0, len(images), TRUNK_BATCH):
             batch = images[start:start + TRUNK_BATCH]
-            activation, bypass = self._trunk(tf.constant(batch))
+            activation, bypass = self._trunk(B.tensor(batch))
             # In full mode even the unablated scores come from the whole network (the oracle
             # shares nothing with the split but the target activation).
-            scores = (self._full(tf.constant(batch)) if self.mode == "full"
-                      else self._head(activation, bypass)).numpy()
+            scores = B.numpy(self._full(B.tensor(batch)) if self.mode == "full"
+                             else self._head(activation, bypass))
             if start == 0:
                 self._check_logits(scores)
             chunk_targets = targets if targets is None or np.ndim(targets) == 0 \
@@ -235,7 +231,8 @@ class GradientExplainer(Explainer):
 
     def __init__(self, model, layer=None, score="logit", mode="head", reshape=None):
         super().__init__(model, layer, score, mode, reshape)
-        self._gradients = tf.function(self._gradients_eager, reduce_retracing=True)
+        self._gradients = B.gradient(self._head_scores if mode == "head" else self._full_scores,
+                                     self.model.variables)
 
     def channel_weights(self, activation: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         """The hook: weights from the target activation A (B, h, w, C) and the gradient of
@@ -243,30 +240,28 @@ class GradientExplainer(Explainer):
         (B, h, w, C) for a weight per cell and channel."""
         raise NotImplementedError
 
-    def _gradients_eager(self, images, activation, bypass, targets):
-        with tf.GradientTape() as tape:
-            if self.mode == "head":
-                tape.watch(activation)
-                scores = self.split.head(activation, bypass)
-                watched = activation
-            else:
-                seen = []
+    def _head_scores(self, activation, bypass, images, targets):
+        # the gradient is taken with respect to the first argument, the target activation
+        return B.take_targets(self.split.head(activation, bypass), targets), activation
 
-                def watch(t):
-                    tape.watch(t)
-                    seen.append(t)
-                    return t
+    def _full_scores(self, delta, bypass, images, targets):
+        # the whole network, with a zero ``delta`` added to the target activation: the
+        # gradient with respect to it is the gradient with respect to the activation
+        seen = []
 
-                scores = self.split.full(images, replace=watch)
-                watched = seen[0]
-            y = tf.gather(scores, targets, batch_dims=1)
-        return watched, tape.gradient(y, watched)
+        def add(t):
+            seen.append(t)
+            return t + delta
+
+        scores = self.split.full(images, replace=add)
+        return B.take_targets(scores, targets), seen[0]
 
     def raw_maps(self, images, activation, bypass, targets, scores):
-        watched, grads = self._gradients(tf.constant(images), activation, bypass,
-                                         tf.constant(targets))
-        watched = watched.numpy()
-        return M.weighted_channel_sum(watched, self.channel_weights(watched, grads.numpy()))
+        start = activation if self.mode == "head" else ops.zeros_like(activation)
+        watched, grads = self._gradients(start, bypass, B.tensor(images),
+                                         B.tensor(targets, "int32"))
+        watched = B.numpy(watched)
+        return M.weighted_channel_sum(watched, self.channel_weights(watched, B.numpy(grads)))
 
 
 class AblationExplainer(Explainer):
@@ -289,28 +284,29 @@ class AblationExplainer(Explainer):
             raise ValueError(f"ablation_value must be finite, got {ablation_value!r}")
         self.batch_size = int(batch_size)
         self.ablation_value = value
-        self._score_head = tf.function(self._score_head_eager, reduce_retracing=True)
-        self._score_full = tf.function(self._score_full_eager, reduce_retracing=True)
+        self._score_head = self.compiled(self._score_head_eager)
+        self._score_full = self.compiled(self._score_full_eager)
 
     def _ablate(self, activation, mask):
-        value = tf.cast(self.ablation_value, activation.dtype)
-        if mask.dtype == tf.bool:  # the exact path: ablated cells are set, the rest untouched
-            return tf.where(mask, value, activation)
+        value = ops.cast(self.ablation_value, activation.dtype)
+        if keras.backend.standardize_dtype(mask.dtype) == "bool":
+            # the exact path: ablated cells are set, the rest untouched
+            return ops.where(mask, value, activation)
         # a fraction m in [0, 1] ablated: A (1 - m) + value m (m = 0 and 1 give A and value)
-        mask = tf.cast(mask, activation.dtype)
+        mask = ops.cast(mask, activation.dtype)
         return activation * (1 - mask) + value * mask
 
     def _score_head_eager(self, activation, bypass, mask, target):
         # activation (1, h, w, C) and bypass (1, ...) of one image; mask (N, h|1, w|1, C|1).
-        n = tf.shape(mask)[0]
+        n = ops.shape(mask)[0]
         ablated = self._ablate(activation, mask)
-        tiled = [tf.broadcast_to(b, tf.concat([[n], tf.shape(b)[1:]], 0)) for b in bypass]
-        return self.split.head(ablated, tiled)[:, target]
+        tiled = [B.repeat_rows(b, n) for b in bypass]
+        return ops.take(self.split.head(ablated, tiled), target, axis=1)
 
     def _score_full_eager(self, image, mask, target):
-        n = tf.shape(mask)[0]
-        images = tf.broadcast_to(image, tf.concat([[n], tf.shape(image)[1:]], 0))
-        return self.split.full(images, replace=lambda t: self._ablate(t, mask))[:, target]
+        images = B.repeat_rows(image, ops.shape(mask)[0])
+        return ops.take(self.split.full(images, replace=lambda t: self._ablate(t, mask)),
+                        target, axis=1)
 
     def masks(self, grid_shape: tuple) -> np.ndarray:
         """The hook: masks (N, h|1, w|1, C|1), one per ablation, broadcastable against the
@@ -357,7 +353,7 @@ class AblationExplainer(Explainer):
         size = min(self.batch_size, len(masks))  # no padding when one batch holds every mask
         pad = -len(masks) % size
         padded = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], masks.dtype)])
-        return [tf.constant(padded[i:i + size]) for i in range(0, len(padded), size)]
+        return [B.tensor(padded[i:i + size]) for i in range(0, len(padded), size)]
 
     def ablated_scores(self, image, activation, bypass, target: int, masks) -> np.ndarray:
         """Class score with each mask applied, for one image: (len(masks),).
@@ -368,14 +364,14 @@ class AblationExplainer(Explainer):
             count, masks = len(masks), self.mask_batches(masks)
         else:
             count = None
-        target = tf.constant(int(target))
+        target = B.tensor(int(target), "int32")
         out = []
         for batch in masks:
             if self.mode == "head":
                 out.append(self._score_head(activation, bypass, batch, target))
             else:
                 out.append(self._score_full(image, batch, target))
-        scores = tf.concat(out, 0).numpy()  # one device-to-host copy per image
+        scores = B.concat_numpy(out)  # one device-to-host copy per image
         return scores if count is None else scores[:count]
 
     def raw_maps(self, images, activation, bypass, targets, scores):
@@ -385,9 +381,9 @@ class AblationExplainer(Explainer):
         for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} ablations/image)",
                       leave=False, disable=len(images) < 2):
             ablated.append(self.ablated_scores(
-                tf.constant(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
+                B.tensor(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
                 targets[i], batches)[:len(masks)])
-        return self.combine(activation.numpy(), scores, np.stack(ablated), masks)
+        return self.combine(B.numpy(activation), scores, np.stack(ablated), masks)
 
 
 def explain(method: str, model, images, **kwargs) -> np.ndarray:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import fields
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 from tqdm.auto import tqdm
 
+from . import backend as B
 from . import maps as M
 from .explainers import AblationExplainer, Explainer, GradientExplainer
 from .graph import LayerGraph, Split
@@ -159,7 +160,7 @@ def _fixed_batches(array: np.ndarray, batch_size: int) -> list:
     an all-zero mask), so the compiled scoring function sees one shape per call."""
     size = min(batch_size, len(array))  # no padding when one batch holds everything
     padded = _padded(array, size)
-    return [tf.constant(padded[i:i + size]) for i in range(0, len(padded), size)]
+    return [B.tensor(padded[i:i + size]) for i in range(0, len(padded), size)]
 
 
 def _padded(array: np.ndarray, size: int) -> np.ndarray:
@@ -235,9 +236,7 @@ class Occlusion(Explainer):
         size = tuple(self.split.graph.input_specs[0].shape[1:3])
         if None not in size:
             self.geometry(size)  # a window that cannot fit the model's input fails here
-        # a fresh closure per explainer, as in the base class (one retracing counter each)
-        self._occluded = tf.function(lambda *args: self._occluded_eager(*args),
-                                     reduce_retracing=True)
+        self._occluded = self.compiled(self._occluded_eager)
 
     @staticmethod
     def _check_baseline(baseline, channels):
@@ -294,19 +293,19 @@ class Occlusion(Explainer):
 
     def _occluded_eager(self, image, masks, baseline, target):
         # image (1, H, W, C); masks (n, H, W) bool; baseline () or (C,)
-        occluded = tf.where(masks[..., None], tf.cast(baseline, image.dtype), image)
-        return tf.gather(self.split.full(occluded), target, axis=1)
+        occluded = ops.where(masks[..., None], ops.cast(baseline, image.dtype), image)
+        return ops.take(self.split.full(occluded), target, axis=1)
 
     def raw_maps(self, images, activation, bypass, targets, scores):
         masks = self.masks(images.shape[1:3])
         batches = _fixed_batches(masks, self.batch_size)
-        baseline = tf.constant(self.baseline, tf.float32)
+        baseline = B.tensor(self.baseline, "float32")
         drops = []
         for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} occlusions/image)",
                       leave=False, disable=len(images) < 2):
-            image, target = tf.constant(images[i:i + 1]), tf.constant(int(targets[i]))
-            occluded = tf.concat([self._occluded(image, b, baseline, target) for b in batches],
-                                 0).numpy()[:len(masks)]
+            image, target = B.tensor(images[i:i + 1]), B.tensor(int(targets[i]), "int32")
+            occluded = B.concat_numpy(
+                [self._occluded(image, b, baseline, target) for b in batches])[:len(masks)]
             drops.append(scores[i] - occluded)
         return M.spread_window_drops(np.stack(drops), masks)
 
@@ -356,8 +355,7 @@ class ScoreCAM(Explainer):
                              f"{total} (layer {self.layer!r} has {total} channels), "
                              f"got {channels!r}")
         self.channels = None if channels is None else int(channels)
-        self._masked = tf.function(lambda *args: self._masked_eager(*args),
-                                   reduce_retracing=True)
+        self._masked = self.compiled(self._masked_eager)
 
     @property
     def channels_used(self) -> int:
@@ -381,10 +379,10 @@ class ScoreCAM(Explainer):
 
     def _masked_eager(self, image, masks, target):
         # image (1, H, W, C); masks (n, H, W) in [0, 1]
-        return tf.gather(self.split.full(image * masks[..., None]), target, axis=1)
+        return ops.take(self.split.full(image * masks[..., None]), target, axis=1)
 
     def raw_maps(self, images, activation, bypass, targets, scores):
-        activation = activation.numpy()
+        activation = B.numpy(activation)
         size = images.shape[1:3]
         weights = np.zeros((len(images), activation.shape[-1]), np.float32)
         for i in tqdm(range(len(images)),
@@ -392,13 +390,13 @@ class ScoreCAM(Explainer):
                       disable=len(images) < 2):
             chosen = self.selected_channels(activation[i])
             step = min(self.batch_size, len(chosen))
-            image, target = tf.constant(images[i:i + 1]), tf.constant(int(targets[i]))
+            image, target = B.tensor(images[i:i + 1]), B.tensor(int(targets[i]), "int32")
             masked = []
             for start in range(0, len(chosen), step):
                 # Masks are made one batch at a time: C full-size masks may not fit in memory.
                 masks = M.scorecam_masks(activation[i][..., chosen[start:start + step]], size)
-                masked.append(self._masked(image, tf.constant(_padded(masks, step)), target))
-            weights[i, chosen] = M.scorecam_weights(tf.concat(masked, 0).numpy()[:len(chosen)])
+                masked.append(self._masked(image, B.tensor(_padded(masks, step)), target))
+            weights[i, chosen] = M.scorecam_weights(B.concat_numpy(masked)[:len(chosen)])
         return M.weighted_channel_sum(activation, weights)
 
 

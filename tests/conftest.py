@@ -27,7 +27,6 @@ from dataclasses import dataclass  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from keras import layers as L  # noqa: E402
 

@@ -1,8 +1,9 @@
-"""Run by `make test` inside a throwaway virtual environment that has only the core install
-(`pip install .`, no extras): the command line works there, and none of the study's packages
-is installed. Not a pytest module (it needs that other environment); exits non-zero on failure.
+"""Run by `make test` inside a throwaway virtual environment that has only the library and one
+backend that is not TensorFlow (`pip install ".[jax]"`, KERAS_BACKEND=jax): the command line
+works there with every method, none of the study's packages is installed, and neither is
+TensorFlow. Not a pytest module (it needs that other environment); exits non-zero on failure.
 
-    python tests/core_install_check.py
+    KERAS_BACKEND=jax python tests/core_install_check.py
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STUDY_ONLY = ("pandas", "seaborn", "sklearn", "scipy", "imagehash", "matplotlib")
+STUDY_ONLY = ("pandas", "seaborn", "sklearn", "scipy", "imagehash", "matplotlib", "tensorflow")
 
 
 def run(*args, cwd) -> str:
@@ -29,7 +30,7 @@ def run(*args, cwd) -> str:
 def main() -> int:
     present = [m for m in STUDY_ONLY if importlib.util.find_spec(m) is not None]
     if present:
-        sys.exit(f"the core install pulled in study packages: {present}")
+        sys.exit(f"the core install pulled in study packages or TensorFlow: {present}")
     import cam
 
     source = Path(cam.__file__).resolve()
@@ -63,8 +64,11 @@ def main() -> int:
                 size = png.size
             if raw.shape != (16, 16) or min(size) < 256 or "predicted class" not in out:
                 sys.exit(f"{method}: raw map {raw.shape}, overlay {size}, output {out!r}")
-    print(f"core install OK: cam {cam.__version__}, Keras {keras.__version__}, "
-          f"{len(cam.METHODS)} methods explained from the command line, no study packages")
+    if "tensorflow" in sys.modules:
+        sys.exit("cam imported TensorFlow on another backend")
+    print(f"core install OK: cam {cam.__version__}, Keras {keras.__version__} on "
+          f"{keras.backend.backend()}, {len(cam.METHODS)} methods explained from the command "
+          f"line, no study packages, no TensorFlow")
     return 0
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from keras import layers as L
 
 import cam
+from cam import backend
 from cam.explainers import TRUNK_BATCH
 from conftest import assert_rel_close, raw
 
@@ -27,7 +28,7 @@ PROPERTY = settings(max_examples=10, deadline=None, derandomize=False,
 
 
 def activation_of(model, layer, images) -> np.ndarray:
-    return np.asarray(keras.Model(model.input, model.get_layer(layer).output)(images))
+    return backend.numpy(keras.Model(model.input, model.get_layer(layer).output)(images))
 
 
 def dense_weights(model, name="logits"):
@@ -478,7 +479,7 @@ class TestTargets:
         explainer = METHODS[method](residual_add_model, "relu_a", batch_size=32) \
             if method in ABLATION_METHODS else METHODS[method](residual_add_model, "relu_a")
         x = np.random.default_rng(5).standard_normal((3, 10, 10, 3)).astype(np.float32)
-        return explainer, x, np.asarray(residual_add_model(x))
+        return explainer, x, backend.numpy(residual_add_model(x))
 
     def test_none_explains_the_predicted_class(self, setup):
         explainer, x, logits = setup
@@ -508,7 +509,8 @@ class TestTargets:
         np.testing.assert_array_equal(result.targets, targets)
         for i, t in enumerate(targets):
             alone = explainer.explain(x[i:i + 1], targets=t, upsample=False, normalize=False)
-            np.testing.assert_allclose(maps[i], alone.raw[0], rtol=1e-5, atol=1e-6)
+            # relative to the map's scale: batch size changes the trunk's float32 rounding
+            assert_rel_close(maps[i], alone.raw[0], rtol=1e-5)
             np.testing.assert_array_equal(alone.targets, [t])
         # the target matters: another class gives another map
         other = raw(explainer, x, targets=[0, 1, 2])
@@ -573,9 +575,9 @@ def test_grayscale_model(method):
 
 def test_model_is_unchanged_by_explaining(method, gap_head_softmax_model, images_like):
     x = images_like(gap_head_softmax_model, 2, seed=4)
-    before = np.asarray(gap_head_softmax_model(x))
+    before = backend.numpy(gap_head_softmax_model(x))
     METHODS[method](gap_head_softmax_model, "relu")(x)
-    after = np.asarray(gap_head_softmax_model(x))
+    after = backend.numpy(gap_head_softmax_model(x))
     np.testing.assert_array_equal(before, after)
     np.testing.assert_allclose(after.sum(axis=1), 1.0, rtol=1e-5)
 

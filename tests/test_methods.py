@@ -13,6 +13,7 @@ import pytest
 from keras import layers as L
 
 import cam
+from cam import backend
 from cam import maps as M
 from conftest import CASE_NAMES, assert_rel_close, raw
 
@@ -144,7 +145,7 @@ def expected_maps(method: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
 
 
 def activation_of(model, layer, images) -> np.ndarray:
-    return np.asarray(keras.Model(model.input, model.get_layer(layer).output)(images))
+    return backend.numpy(keras.Model(model.input, model.get_layer(layer).output)(images))
 
 
 @pytest.mark.parametrize("method", list(NEW_METHODS))

@@ -10,6 +10,7 @@ import pytest
 from keras import layers as L
 
 import cam
+from cam import backend
 from cam import maps as M
 from conftest import assert_rel_close, raw
 
@@ -111,10 +112,15 @@ def test_occlusion_patches_end_at_the_edge(linear_model):
             delta = np.zeros((7, 9, 2))
             delta[i:i + 3, j:j + 3] = x[0, i:i + 3, j:j + 3]
             drops[(i, j)] = conv_same(delta, kernel).reshape(-1) @ dense
-    maps = raw(explainer, x, targets=1)[0]
-    np.testing.assert_allclose(maps[0, 0], drops[(0, 0)], rtol=1e-5)
-    np.testing.assert_allclose(maps[4, 4], (drops[(3, 3)] + drops[(4, 3)]) / 2, rtol=1e-5)
-    np.testing.assert_allclose(maps[6, 8], drops[(4, 6)], rtol=1e-5)
+    result = explainer.explain(x, targets=1, upsample=False, normalize=False)
+    maps = result.raw[0]
+    # A drop is the difference of two float32 scores: its rounding error scales with the
+    # score, not with the (smaller) drop, and differs between backends' convolutions.
+    atol = 1e-6 * abs(result.scores[0, 1])
+    np.testing.assert_allclose(maps[0, 0], drops[(0, 0)], rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(maps[4, 4], (drops[(3, 3)] + drops[(4, 3)]) / 2, rtol=1e-5,
+                               atol=atol)
+    np.testing.assert_allclose(maps[6, 8], drops[(4, 6)], rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("baseline", [0.5, -1.25, (-1.0, 2.0), [0.3, 0.3]])
@@ -163,7 +169,7 @@ def test_occlusion_explains_the_input(linear_model):
     result = explainer.explain(x, upsample=False, normalize=False)
     assert result.layer == explainer.layer == "input" and result.method == "Occlusion"
     assert result.raw.shape == result.maps.shape == (3, 7, 9)
-    np.testing.assert_allclose(result.scores, np.asarray(linear_model(x)), rtol=1e-5,
+    np.testing.assert_allclose(result.scores, backend.numpy(linear_model(x)), rtol=1e-5,
                                atol=1e-5)
     np.testing.assert_array_equal(result.targets, result.scores.argmax(axis=1))
     assert explainer(x).shape == (3, 7, 9)
@@ -326,7 +332,7 @@ def test_scorecam_by_hand(softmax_output):
     images = np.stack([x0, x1])[..., None].astype(np.float32)
     # the activation through Keras agrees with the closed form
     layer = keras.Model(model.input, model.get_layer("relu").output)
-    np.testing.assert_allclose(np.asarray(layer(images)),
+    np.testing.assert_allclose(backend.numpy(layer(images)),
                                np.stack([activations_by_hand(x0), activations_by_hand(x1)]),
                                rtol=1e-6, atol=1e-6)
     for targets in ([0, 1], [1, 0]):
@@ -502,5 +508,7 @@ def test_the_compiled_scoring_functions_trace_once(four_channel_model, linear_mo
     for _ in range(2):
         scorecam(x)
         occlusion(images_7x9(3))
-    assert scorecam._masked.experimental_get_tracing_count() == 1
-    assert occlusion._occluded.experimental_get_tracing_count() == 1
+    # PyTorch runs eagerly unless CAM_TORCH_COMPILE=1: nothing is traced, and traces says so
+    once = None if scorecam._masked.backend == "torch" and scorecam._masked.traces is None else 1
+    assert scorecam._masked.traces == once
+    assert occlusion._occluded.traces == once

@@ -7,9 +7,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import cam
+from cam import backend
 from cam import maps as M
 from cam.study.vit import build_vit
 from conftest import assert_rel_close, raw
@@ -18,7 +18,7 @@ G = M.GAUSSIAN_KEEP  # [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16
 
 
 def activation_of(model, layer, images) -> np.ndarray:
-    return np.asarray(keras.Model(model.input, model.get_layer(layer).output)(images))
+    return backend.numpy(keras.Model(model.input, model.get_layer(layer).output)(images))
 
 
 def dense_weights(model, name="logits"):
@@ -222,7 +222,7 @@ def test_vit_map_keeps_one_patch_token_and_the_class_token(vit, gaussian):
         masked = np.repeat(tokens[b:b + 1], 16, axis=0)  # (16, 17, 8)
         masked[:, 1:] *= keep[:, :, None]
         np.testing.assert_array_equal(masked[:, 0], np.broadcast_to(tokens[b, 0], (16, 8)))
-        expected[b] = np.asarray(after(masked))[:, result.targets[b]]
+        expected[b] = backend.numpy(after(masked))[:, result.targets[b]]
     assert np.ptp(expected) > 0
     assert_rel_close(result.raw, expected.reshape(2, 4, 4), rtol=1e-4)
     # zeroing the class token as well gives another map: the carried token matters
@@ -231,7 +231,7 @@ def test_vit_map_keeps_one_patch_token_and_the_class_token(vit, gaussian):
         masked = np.repeat(tokens[b:b + 1], 16, axis=0)
         masked[:, 1:] *= keep[:, :, None]
         masked[:, 0] = 0
-        zeroed.append(np.asarray(after(masked))[:, result.targets[b]])
+        zeroed.append(backend.numpy(after(masked))[:, result.targets[b]])
     assert not np.allclose(np.stack(zeroed).reshape(2, 4, 4), result.raw, atol=1e-3)
 
 
@@ -257,7 +257,7 @@ def concat_explainer(model, value=0.0, mode="head"):
 def concat_split(dense_concat_model):
     """A model with a bypass, its trunk outputs for one image, and a set of boolean masks:
     random cells, windows through every channel, nothing and everything."""
-    image = tf.constant(np.random.default_rng(7).standard_normal((1, 10, 10, 3)), tf.float32)
+    image = backend.tensor(np.random.default_rng(7).standard_normal((1, 10, 10, 3)), "float32")
     activation, bypass = concat_explainer(dense_concat_model)._trunk(image)
     rng = np.random.default_rng(8)
     masks = np.concatenate([
@@ -289,7 +289,7 @@ def test_a_float_mask_blends_towards_the_ablation_value(concat_split):
     got = explainer.ablated_scores(image, activation, bypass, 0,
                                    np.full((1, 1, 1, 1), 0.25, np.float32))
     expected = explainer.split.head(0.75 * activation + 0.25 * 2.0, bypass)[:, 0]
-    np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-6)
+    np.testing.assert_allclose(got, backend.numpy(expected), rtol=1e-6)
 
 
 def test_mask_batches_pad_with_masks_that_ablate_nothing(dense_concat_model):
@@ -298,7 +298,7 @@ def test_mask_batches_pad_with_masks_that_ablate_nothing(dense_concat_model):
                            (np.full((5, 2, 2, 1), 0.5, np.float64), 0.0)):
         batches = explainer.mask_batches(masks)  # batch_size 4: 5 masks -> 2 batches of 4
         assert [tuple(b.shape) for b in batches] == [(4, 2, 2, 1)] * 2
-        padded = batches[1].numpy()
+        padded = backend.numpy(batches[1])
         assert padded.dtype == (np.bool_ if nothing is False else np.float32)
         assert (padded[1:] == nothing).all() and (padded[0] == masks[0]).all()
 

@@ -10,6 +10,7 @@ import pytest
 from keras import layers as L
 
 import cam
+from cam import backend
 from cam.graph import Split, TokenGrid
 from cam.study.vit import build_vit
 from conftest import assert_rel_close, raw
@@ -114,9 +115,9 @@ def test_fast_ablation_map_is_the_drop_of_each_token(vits):
     got = result.raw[0]
     target = int(result.targets[0])
     # Oracle by hand: the model rerun from the `tokens` output with one token set to zero.
-    tokens = np.asarray(keras.Model(model.input, model.get_layer("tokens").output)(x))
+    tokens = backend.numpy(keras.Model(model.input, model.get_layer("tokens").output)(x))
     expected = np.zeros((4, 4), np.float32)
-    y_full = float(np.asarray(model(x))[0, target])
+    y_full = float(backend.numpy(model(x))[0, target])
     for i in range(4):
         for j in range(4):
             ablated = tokens.copy()
@@ -134,7 +135,7 @@ def _vit_head(model, tokens):
     x = g("block0_add1")([x, g("block0_attention")(y, y)])
     y = g("block0_mlp2")(g("block0_mlp1")(g("block0_norm2")(x)))
     x = g("block0_out")([x, y])
-    return np.asarray(g("logits")(g("cls")(g("final_norm")(x))))
+    return backend.numpy(g("logits")(g("cls")(g("final_norm")(x))))
 
 
 def test_grayscale_vit_maps_have_the_image_size(vits):

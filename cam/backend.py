@@ -1,0 +1,196 @@
+"""Everything in cam that differs between Keras backends, and nothing else.
+
+cam runs on Keras 3's TensorFlow, JAX and PyTorch backends (``KERAS_BACKEND``). The methods
+are written with ``keras.ops`` and NumPy; only two things need the backend itself:
+
+* :func:`compiled`: a function that runs layers (the trunk, the head, a batch of ablated
+  activations scored through the head) compiled for the backend: ``tf.function`` on
+  TensorFlow; ``jax.jit`` on JAX, with the model's weights passed in as arguments through
+  ``keras.StatelessScope`` rather than baked into the compiled program as constants (a
+  later change of the weights is seen, and the program does not hold a copy of them); on
+  PyTorch the function runs eagerly under ``torch.no_grad``, or through ``torch.compile``
+  when ``CAM_TORCH_COMPILE=1``.
+* :func:`gradient`: the same for a function that returns per-image scores, returning the
+  gradient of their sum with respect to its first argument (``tf.GradientTape``,
+  ``jax.value_and_grad``, ``torch.autograd.grad``). Images in a batch do not interact in
+  inference, so that is each image's own gradient.
+
+Both return a :class:`Compiled` callable; :func:`tensor` and :func:`numpy` move arrays in
+and out. TensorFlow is imported only when it is the backend.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+#: The Keras backends cam runs on, and how to install each (with cam itself).
+BACKENDS = {
+    "tensorflow": 'pip install "cam[tensorflow]"',
+    "jax": 'pip install "cam[jax]"',
+    "torch": 'pip install "cam[torch]"',
+}
+
+
+def how_to_choose() -> str:
+    return ("cam runs on Keras' " + ", ".join(repr(b) for b in BACKENDS) + " backends; set "
+            "KERAS_BACKEND to one of them before importing keras, and install it with "
+            + "; ".join(f"{b}: {cmd}" for b, cmd in BACKENDS.items()))
+
+
+try:
+    import keras
+except ImportError as error:  # Keras imports its backend at once: it may not be installed
+    raise ImportError(f"Keras could not load its backend "
+                      f"({os.environ.get('KERAS_BACKEND', 'tensorflow, the default')}): "
+                      f"{error}. {how_to_choose()}") from error
+
+
+def name() -> str:
+    """The Keras backend in use; a clear error when cam cannot run on it."""
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise RuntimeError(f"Keras' backend is {backend!r}, which cam does not support. "
+                           + how_to_choose())
+    return backend
+
+
+name()  # at import: a backend cam does not run on fails here, before any model is built
+
+
+def tensor(array, dtype=None):
+    """A backend tensor (on the backend's default device) from a NumPy array or number."""
+    return keras.ops.convert_to_tensor(array, dtype=dtype)
+
+
+def numpy(value) -> np.ndarray:
+    """A backend tensor (or a NumPy array) as a NumPy array."""
+    if name() == "torch" and hasattr(value, "detach"):
+        value = value.detach()
+    return keras.ops.convert_to_numpy(value)
+
+
+class Compiled:
+    """A compiled function of backend tensors. ``traces`` counts how often it was traced
+    (compiled anew for new shapes or dtypes); None on PyTorch without ``torch.compile``,
+    which runs eagerly and traces nothing."""
+
+    def __init__(self, call: Callable, traces: Callable[[], int | None], backend: str):
+        self._call, self._traces, self.backend = call, traces, backend
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+    @property
+    def traces(self) -> int | None:
+        return self._traces()
+
+    def __repr__(self) -> str:
+        return f"Compiled(backend={self.backend!r}, traces={self.traces})"
+
+
+def _variables(variables) -> list:
+    return list(variables) if variables is not None else []
+
+
+def compiled(fn: Callable, variables: Sequence = None) -> Compiled:
+    """``fn`` (backend tensors in, a tensor or a nested structure of tensors out) compiled for
+    the backend. ``variables``: the Keras variables ``fn`` reads (a model's ``variables``);
+    JAX passes their current values in as arguments on every call."""
+    return _build(fn, _variables(variables), grad=False)
+
+
+def gradient(fn: Callable, variables: Sequence = None) -> Compiled:
+    """``fn(x, *args) -> (y, aux)`` with y of shape (B,) becomes a compiled
+    ``(x, *args) -> (aux, d sum(y) / dx)``."""
+    return _build(fn, _variables(variables), grad=True)
+
+
+def _build(fn, variables, grad):
+    backend = name()
+    return {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch}[backend](fn, variables, grad)
+
+
+def _tensorflow(fn, variables, grad) -> Compiled:
+    import tensorflow as tf
+
+    if grad:
+        def body(x, *args):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y, aux = fn(x, *args)
+            return aux, tape.gradient(y, x)
+    else:
+        def body(*args):  # a fresh closure: tf.function counts retracing per Python function
+            return fn(*args)
+    function = tf.function(body, reduce_retracing=True)
+    return Compiled(function, function.experimental_get_tracing_count, "tensorflow")
+
+
+def _jax(fn, variables, grad) -> Compiled:
+    import jax
+    import jax.numpy as jnp
+
+    count = [0]
+
+    def body(values, *args):
+        count[0] += 1  # runs only while jax traces
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            if not grad:
+                return fn(*args)
+            x, rest = args[0], args[1:]
+
+            def total(x):
+                y, aux = fn(x, *rest)
+                return jnp.sum(y), aux
+
+            (_, aux), dx = jax.value_and_grad(total, has_aux=True)(x)
+            return aux, dx
+
+    function = jax.jit(body)
+    return Compiled(lambda *args: function([v.value for v in variables], *args),
+                    lambda: count[0], "jax")
+
+
+def _torch(fn, variables, grad) -> Compiled:
+    import torch
+
+    use_compile = os.environ.get("CAM_TORCH_COMPILE", "") in ("1", "true", "yes")
+    count = [0]
+
+    def traced(*args):
+        count[0] += 1  # with torch.compile this runs only while dynamo traces
+        return fn(*args)
+
+    inner = torch.compile(traced) if use_compile else fn
+    if grad:
+        def call(x, *args):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y, aux = inner(x, *args)
+                (dx,) = torch.autograd.grad(y.sum(), x)
+            return keras.tree.map_structure(lambda t: t.detach(), aux), dx
+    else:
+        def call(*args):
+            with torch.no_grad():
+                return inner(*args)
+    return Compiled(call, (lambda: count[0]) if use_compile else (lambda: None), "torch")
+
+
+def take_targets(scores, targets):
+    """``scores[i, targets[i]]`` for each row i: (B, classes), (B,) ints -> (B,)."""
+    index = keras.ops.expand_dims(keras.ops.cast(targets, "int32"), 1)
+    return keras.ops.take_along_axis(scores, index, axis=1)[:, 0]
+
+
+def repeat_rows(value, n):
+    """A (1, ...) tensor broadcast to (n, ...)."""
+    shape = keras.ops.shape(value)
+    return keras.ops.broadcast_to(value, (n, *shape[1:]))
+
+
+def concat_numpy(parts: Any) -> np.ndarray:
+    """Backend tensors joined on the first axis, as one NumPy array (one copy to the host)."""
+    return numpy(keras.ops.concatenate(list(parts), axis=0))
