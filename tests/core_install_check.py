@@ -8,8 +8,10 @@ TensorFlow. Not a pytest module (it needs that other environment); exits non-zer
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,12 @@ def run(*args, cwd) -> str:
 
 
 def main() -> int:
-    present = [m for m in STUDY_ONLY if importlib.util.find_spec(m) is not None]
+    # a package the backend itself requires (JAX needs SciPy) is not cam pulling in the study
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    needed = {re.split(r"[ ;<>=!~\[]", r)[0].lower()
+              for r in importlib.metadata.requires(backend) or []}
+    present = [m for m in STUDY_ONLY
+               if importlib.util.find_spec(m) is not None and m not in needed]
     if present:
         sys.exit(f"the core install pulled in study packages or TensorFlow: {present}")
     import cam
