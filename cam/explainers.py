@@ -29,6 +29,7 @@ Token layers (batch, tokens, C) of a Vision Transformer are explained on their p
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import keras
@@ -44,6 +45,34 @@ MODES = ("head", "full")
 #: Images pushed through the trunk at once (bounded to keep the trunk's memory small).
 TRUNK_BATCH = 16
 
+#: model -> {(layer, score, reshape): _Shared}: explainers on the same model and layer share
+#: one split and its compiled functions, so a second explainer (another method, another
+#: window) does not trace or compile the network again (seconds for DenseNet-169).
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Shared:
+    """A split and the compiled functions that depend only on it (and on the model's
+    weights, which every backend reads at call time)."""
+
+    def __init__(self, model, layer, score, reshape):
+        self.split = Split(model, layer, score, reshape)
+        self.variables = model.variables
+        self.functions: dict = {}
+
+    def get(self, key, build):
+        if key not in self.functions:
+            self.functions[key] = build()
+        return self.functions[key]
+
+
+def _shared(model, layer, score, reshape) -> _Shared:
+    key = (layer, score, repr(reshape))
+    per_model = _SHARED.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = _Shared(model, layer, score, reshape)
+    return per_model[key]
+
 
 class Explainer:
     """Shared machinery: the split, input checks, targets, batching, normalising, upsampling."""
@@ -58,19 +87,27 @@ class Explainer:
         self.model = model
         self.mode = mode
         # reshape: how a token layer (batch, tokens, C) lays out on its grid (cam.TokenGrid)
-        self.split = Split(model, layer, score, reshape)
+        self._shared = _shared(model, layer, score, reshape)
+        self.split = self._shared.split
         self.layer = self.split.layer
         self.score = score
-        # Compiled once per explainer (cam.backend: tf.function, jax.jit or torch.no_grad).
-        self._trunk = self.compiled(self.split.trunk)
-        self._head = self.compiled(self.split.head)
-        self._full = self.compiled(self.split.full)
+        # Compiled once per model and layer (cam.backend: tf.function, jax.jit or torch.no_grad)
+        # and shared by every explainer there.
+        self._trunk = self.shared_compiled("trunk", lambda: self.split.trunk)
+        self._head = self.shared_compiled("head", lambda: self.split.head)
+        self._full = self.shared_compiled("full", lambda: self.split.full)
         self.last_targets: np.ndarray | None = None
         self.last_scores: np.ndarray | None = None
 
     def compiled(self, fn) -> B.Compiled:
         """``fn`` compiled for the backend, reading this explainer's model weights."""
         return B.compiled(fn, self.model.variables)
+
+    def shared_compiled(self, key, make_fn, gradient: bool = False) -> B.Compiled:
+        """The compiled ``make_fn()`` that every explainer on this model and layer shares under
+        ``key``; ``make_fn`` must depend only on the split and on what ``key`` names."""
+        build = B.gradient if gradient else B.compiled
+        return self._shared.get(key, lambda: build(make_fn(), self._shared.variables))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model.name!r}, layer={self.layer!r}, "
@@ -231,8 +268,12 @@ class GradientExplainer(Explainer):
 
     def __init__(self, model, layer=None, score="logit", mode="head", reshape=None):
         super().__init__(model, layer, score, mode, reshape)
-        self._gradients = B.gradient(self._head_scores if mode == "head" else self._full_scores,
-                                     self.model.variables)
+        # shared by every gradient method on this model, layer and mode: they differ only in
+        # what they make of the gradient
+        split = self.split
+        self._gradients = self.shared_compiled(
+            ("gradients", mode), lambda: (lambda *a: _head_scores(split, *a)) if mode == "head"
+            else (lambda *a: _full_scores(split, *a)), gradient=True)
 
     def channel_weights(self, activation: np.ndarray, gradients: np.ndarray) -> np.ndarray:
         """The hook: weights from the target activation A (B, h, w, C) and the gradient of
@@ -240,28 +281,30 @@ class GradientExplainer(Explainer):
         (B, h, w, C) for a weight per cell and channel."""
         raise NotImplementedError
 
-    def _head_scores(self, activation, bypass, images, targets):
-        # the gradient is taken with respect to the first argument, the target activation
-        return B.take_targets(self.split.head(activation, bypass), targets), activation
-
-    def _full_scores(self, delta, bypass, images, targets):
-        # the whole network, with a zero ``delta`` added to the target activation: the
-        # gradient with respect to it is the gradient with respect to the activation
-        seen = []
-
-        def add(t):
-            seen.append(t)
-            return t + delta
-
-        scores = self.split.full(images, replace=add)
-        return B.take_targets(scores, targets), seen[0]
-
     def raw_maps(self, images, activation, bypass, targets, scores):
         start = activation if self.mode == "head" else ops.zeros_like(activation)
         watched, grads = self._gradients(start, bypass, B.tensor(images),
                                          B.tensor(targets, "int32"))
         watched = B.numpy(watched)
         return M.weighted_channel_sum(watched, self.channel_weights(watched, B.numpy(grads)))
+
+
+def _head_scores(split, activation, bypass, images, targets):
+    # the gradient is taken with respect to the first argument, the target activation
+    return B.take_targets(split.head(activation, bypass), targets), activation
+
+
+def _full_scores(split, delta, bypass, images, targets):
+    # the whole network, with a zero ``delta`` added to the target activation: the gradient
+    # with respect to it is the gradient with respect to the activation
+    seen = []
+
+    def add(t):
+        seen.append(t)
+        return t + delta
+
+    scores = split.full(images, replace=add)
+    return B.take_targets(scores, targets), seen[0]
 
 
 class AblationExplainer(Explainer):
@@ -284,29 +327,12 @@ class AblationExplainer(Explainer):
             raise ValueError(f"ablation_value must be finite, got {ablation_value!r}")
         self.batch_size = int(batch_size)
         self.ablation_value = value
-        self._score_head = self.compiled(self._score_head_eager)
-        self._score_full = self.compiled(self._score_full_eager)
-
-    def _ablate(self, activation, mask):
-        value = ops.cast(self.ablation_value, activation.dtype)
-        if keras.backend.standardize_dtype(mask.dtype) == "bool":
-            # the exact path: ablated cells are set, the rest untouched
-            return ops.where(mask, value, activation)
-        # a fraction m in [0, 1] ablated: A (1 - m) + value m (m = 0 and 1 give A and value)
-        mask = ops.cast(mask, activation.dtype)
-        return activation * (1 - mask) + value * mask
-
-    def _score_head_eager(self, activation, bypass, mask, target):
-        # activation (1, h, w, C) and bypass (1, ...) of one image; mask (N, h|1, w|1, C|1).
-        n = ops.shape(mask)[0]
-        ablated = self._ablate(activation, mask)
-        tiled = [B.repeat_rows(b, n) for b in bypass]
-        return ops.take(self.split.head(ablated, tiled), target, axis=1)
-
-    def _score_full_eager(self, image, mask, target):
-        images = B.repeat_rows(image, ops.shape(mask)[0])
-        return ops.take(self.split.full(images, replace=lambda t: self._ablate(t, mask)),
-                        target, axis=1)
+        # shared by every ablation method on this model and layer with this ablation value
+        split, value = self.split, self.ablation_value
+        self._score_head = self.shared_compiled(
+            ("score_head", value), lambda: lambda *a: _score_head(split, value, *a))
+        self._score_full = self.shared_compiled(
+            ("score_full", value), lambda: lambda *a: _score_full(split, value, *a))
 
     def masks(self, grid_shape: tuple) -> np.ndarray:
         """The hook: masks (N, h|1, w|1, C|1), one per ablation, broadcastable against the
@@ -384,6 +410,30 @@ class AblationExplainer(Explainer):
                 B.tensor(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
                 targets[i], batches)[:len(masks)])
         return self.combine(B.numpy(activation), scores, np.stack(ablated), masks)
+
+
+def _ablate(activation, mask, ablation_value):
+    value = ops.cast(ablation_value, activation.dtype)
+    if keras.backend.standardize_dtype(mask.dtype) == "bool":
+        # the exact path: ablated cells are set, the rest untouched
+        return ops.where(mask, value, activation)
+    # a fraction m in [0, 1] ablated: A (1 - m) + value m (m = 0 and 1 give A and value)
+    mask = ops.cast(mask, activation.dtype)
+    return activation * (1 - mask) + value * mask
+
+
+def _score_head(split, ablation_value, activation, bypass, mask, target):
+    # activation (1, h, w, C) and bypass (1, ...) of one image; mask (N, h|1, w|1, C|1).
+    n = ops.shape(mask)[0]
+    ablated = _ablate(activation, mask, ablation_value)
+    tiled = [B.repeat_rows(b, n) for b in bypass]
+    return ops.take(split.head(ablated, tiled), target, axis=1)
+
+
+def _score_full(split, ablation_value, image, mask, target):
+    images = B.repeat_rows(image, ops.shape(mask)[0])
+    return ops.take(split.full(images, replace=lambda t: _ablate(t, mask, ablation_value)),
+                    target, axis=1)
 
 
 def explain(method: str, model, images, **kwargs) -> np.ndarray:

@@ -22,7 +22,7 @@ import pytest
 import cam
 from cam import backend
 from cam.study.vit import build_vit
-from conftest import CASES, random_images
+from conftest import CASES, build_tiny_sequential, random_images
 
 HERE = Path(__file__).parent
 #: The same models, weights and images on every backend must give maps this close, relative
@@ -157,8 +157,9 @@ def test_a_backend_that_is_not_installed_is_named_with_how_to_install_it(monkeyp
     assert 'pip install "cam[jax]"' in message
 
 
-def test_compiled_functions_report_their_backend_and_traces(tiny_sequential):
-    explainer = cam.FastAblationCAM(tiny_sequential, "relu2")
+def test_compiled_functions_report_their_backend_and_traces():
+    model = build_tiny_sequential()  # its own model: compiled functions are shared per model
+    explainer = cam.FastAblationCAM(model, "relu2")
     images = random_images((10, 10, 3), 2)
     explainer(images)
     explainer(images)
@@ -167,6 +168,13 @@ def test_compiled_functions_report_their_backend_and_traces(tiny_sequential):
     eager = compiled.backend == "torch" and os.environ.get("CAM_TORCH_COMPILE") is None
     assert compiled.traces == (None if eager else 1)  # one shape of mask batch: one trace
     assert repr(compiled).startswith(f"Compiled(backend={keras.backend.backend()!r}")
+    # another method on the same model and layer shares the split and its compiled functions
+    other = cam.ReciproCAM(model, "relu2")
+    assert other.split is explainer.split and other._trunk is explainer._trunk
+    assert other._score_head is compiled
+    assert cam.AblationCAM(model, "relu2", ablation_value=1.0)._score_head is not compiled
+    assert cam.GradCAM(model, "relu2")._gradients is cam.LayerCAM(model, "relu2")._gradients
+    assert cam.GradCAM(model, "relu1")._trunk is not explainer._trunk
 
 
 def test_jax_takes_the_weights_as_arguments(tiny_sequential):
