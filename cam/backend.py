@@ -22,6 +22,7 @@ and out. TensorFlow is imported only when it is the backend.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -95,11 +96,18 @@ def _variables(variables) -> list:
     return list(variables) if variables is not None else []
 
 
-def compiled(fn: Callable, variables: Sequence = None) -> Compiled:
+def compiled(fn: Callable, variables: Sequence = None, fuse: bool = False) -> Compiled:
     """``fn`` (backend tensors in, a tensor or a nested structure of tensors out) compiled for
     the backend. ``variables``: the Keras variables ``fn`` reads (a model's ``variables``);
-    JAX passes their current values in as arguments on every call."""
-    return _build(fn, _variables(variables), grad=False)
+    JAX passes their current values in as arguments on every call.
+
+    ``fuse=True`` asks for a fusing compiler where the backend has one as an option: XLA on
+    TensorFlow (``jit_compile=True``; JAX always compiles with XLA). It pays for small
+    functions that are mostly elementwise work and reductions, such as masking a batch of
+    activations and pooling them, which XLA does in one pass instead of writing every masked
+    copy to memory. A function XLA cannot compile (an operation it lacks) runs through plain
+    ``tf.function`` instead, with a warning naming the error."""
+    return _build(fn, _variables(variables), grad=False, fuse=fuse)
 
 
 def gradient(fn: Callable, variables: Sequence = None) -> Compiled:
@@ -108,12 +116,14 @@ def gradient(fn: Callable, variables: Sequence = None) -> Compiled:
     return _build(fn, _variables(variables), grad=True)
 
 
-def _build(fn, variables, grad):
+def _build(fn, variables, grad, fuse=False):
     backend = name()
-    return {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch}[backend](fn, variables, grad)
+    if backend == "tensorflow":
+        return _tensorflow(fn, variables, grad, fuse)
+    return {"jax": _jax, "torch": _torch}[backend](fn, variables, grad)
 
 
-def _tensorflow(fn, variables, grad) -> Compiled:
+def _tensorflow(fn, variables, grad, fuse=False) -> Compiled:
     import tensorflow as tf
 
     if grad:
@@ -126,7 +136,27 @@ def _tensorflow(fn, variables, grad) -> Compiled:
         def body(*args):  # a fresh closure: tf.function counts retracing per Python function
             return fn(*args)
     function = tf.function(body, reduce_retracing=True)
-    return Compiled(function, function.experimental_get_tracing_count, "tensorflow")
+    if not fuse:
+        return Compiled(function, function.experimental_get_tracing_count, "tensorflow")
+    fused = tf.function(lambda *args: body(*args), reduce_retracing=True, jit_compile=True)
+    state = {"use_xla": True}
+
+    def call(*args):
+        if state["use_xla"]:
+            try:
+                return fused(*args)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+                out = function(*args)  # a real error in fn raises here, and XLA is kept
+                state["use_xla"] = False
+                warnings.warn(f"XLA could not compile {getattr(fn, '__name__', fn)!r}, so it "
+                              f"runs without fusing ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200]})", RuntimeWarning,
+                              stacklevel=2)
+                return out
+        return function(*args)
+
+    return Compiled(call, lambda: fused.experimental_get_tracing_count()
+                    + function.experimental_get_tracing_count(), "tensorflow")
 
 
 def _jax(fn, variables, grad) -> Compiled:

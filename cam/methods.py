@@ -61,8 +61,8 @@ class FastAblationCAM(AblationExplainer):
     name = "FastAblationCAM"
 
     def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=64,
-                 ablation_value=0.0, mode="head", reshape=None):
-        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape)
+                 ablation_value=0.0, mode="head", reshape=None, fuse=None):
+        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape, fuse)
         h, w = self.split.target_shape[:2]
         for name, value in (("window", window), ("stride", stride)):
             if (value is not None or name == "window") and \
@@ -433,8 +433,8 @@ class ReciproCAM(AblationExplainer):
     name = "ReciproCAM"
 
     def __init__(self, model, layer=None, score="logit", gaussian=False, batch_size=64,
-                 ablation_value=0.0, mode="head", reshape=None):
-        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape)
+                 ablation_value=0.0, mode="head", reshape=None, fuse=None):
+        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape, fuse)
         if not isinstance(gaussian, (bool, np.bool_)):
             raise ValueError(f"gaussian must be True or False, got {gaussian!r}")
         self.gaussian = bool(gaussian)

@@ -159,7 +159,7 @@ def test_a_backend_that_is_not_installed_is_named_with_how_to_install_it(monkeyp
 
 def test_compiled_functions_report_their_backend_and_traces():
     model = build_tiny_sequential()  # its own model: compiled functions are shared per model
-    explainer = cam.FastAblationCAM(model, "relu2")
+    explainer = cam.FastAblationCAM(model, "relu2", batch_size=25)  # 25 cells: one image a call
     images = random_images((10, 10, 3), 2)
     explainer(images)
     explainer(images)
@@ -167,6 +167,13 @@ def test_compiled_functions_report_their_backend_and_traces():
     assert compiled.backend == keras.backend.backend()
     eager = compiled.backend == "torch" and os.environ.get("CAM_TORCH_COMPILE") is None
     assert compiled.traces == (None if eager else 1)  # one shape of mask batch: one trace
+    # two images a call (batch_size 50 holds both images' 25 ablations): another function,
+    # traced once for that shape
+    grouped = cam.FastAblationCAM(model, "relu2", batch_size=50)
+    grouped(images)
+    grouped(images)
+    assert grouped._score_images.traces == (None if eager else 1)
+    assert compiled.traces == (None if eager else 1)
     assert repr(compiled).startswith(f"Compiled(backend={keras.backend.backend()!r}")
     # another method on the same model and layer shares the split and its compiled functions
     other = cam.ReciproCAM(model, "relu2")
@@ -192,3 +199,55 @@ def test_jax_takes_the_weights_as_arguments(tiny_sequential):
     after = explainer(images, targets=0, normalize=False)
     np.testing.assert_allclose(after, -before, rtol=1e-5, atol=1e-6)
     assert explainer._gradients.traces == 1
+
+
+def test_fusing_is_chosen_from_the_head_and_changes_no_map(tiny_sequential, dense_concat_model):
+    """XLA fusing (TensorFlow) is on by default only where the head after the layer has no
+    convolution or attention; fused and unfused scoring give the same maps on every backend."""
+    images = random_images((10, 10, 3), 3)
+    light = cam.AblationCAM(tiny_sequential, "relu2")  # head: GAP -> Dense
+    heavy = cam.FastAblationCAM(dense_concat_model, "relu1")  # head: concat -> conv -> ...
+    assert light.fuse is True and heavy.fuse is False
+    for model, layer, method in ((tiny_sequential, "relu2", cam.AblationCAM),
+                                 (dense_concat_model, "relu1", cam.FastAblationCAM),
+                                 (dense_concat_model, "relu1", cam.ReciproCAM)):
+        fused = method(model, layer, fuse=True)
+        plain = method(model, layer, fuse=False)
+        assert fused._score_head is not plain._score_head
+        a = fused(images, targets=1, normalize=False, upsample=False)
+        b = plain(images, targets=1, normalize=False, upsample=False)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), method.name
+
+
+@pytest.mark.parametrize("fuse", ["yes", 1, 0.0])
+def test_fuse_must_be_a_bool_or_none(tiny_sequential, fuse):
+    with pytest.raises(ValueError, match="fuse must be None"):
+        cam.FastAblationCAM(tiny_sequential, "relu2", fuse=fuse)
+
+
+def test_a_head_xla_cannot_compile_runs_unfused_with_a_warning():
+    """A NumPy function inside the head (tf.numpy_function) is beyond XLA: the scoring falls
+    back to plain tf.function once, says why, and gives the same map."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("XLA fusing is a TensorFlow option (JAX always compiles with XLA)")
+    import tensorflow as tf
+
+    class NumpyScale(keras.layers.Layer):
+        def call(self, x):
+            y = tf.numpy_function(lambda v: (v * 2).astype(np.float32), [x], tf.float32)
+            return tf.ensure_shape(y, x.shape)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3)(NumpyScale()(x))
+    model = keras.Model(inputs, outputs)
+    images = random_images((6, 6, 3), 2)
+    fused = cam.AblationCAM(model, "relu")
+    assert fused.fuse is True
+    with pytest.warns(RuntimeWarning, match="XLA could not compile"):
+        a = fused(images, targets=0, normalize=False, upsample=False)
+    b = cam.AblationCAM(model, "relu", fuse=False)(images, targets=0, normalize=False,
+                                                   upsample=False)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -254,6 +254,23 @@ def build_random_model(spec):
     return model, images
 
 
+@pytest.mark.parametrize("method, kwargs", [("fastablationcam", {"window": 2, "stride": 1}),
+                                            ("reciprocam", {"gaussian": True})])
+def test_images_scored_together_equal_one_at_a_time(case, method, kwargs):
+    """In head mode several images' ablations share one compiled call when they fit the
+    batch (5 images, 3 a call: the last call padded); the maps are those of one image a call."""
+    x = case.images(5, seed=3)
+    targets = [0, 1, 2, 1, 0]
+    n = METHODS[method](case.model, case.layer, **kwargs).evaluations_per_image
+    together = METHODS[method](case.model, case.layer, batch_size=3 * n, **kwargs)
+    alone = METHODS[method](case.model, case.layer, batch_size=n, **kwargs)
+    assert together.images_per_call(n) == 3 and alone.images_per_call(n) == 1
+    assert METHODS[method](case.model, case.layer, mode="full", batch_size=3 * n,
+                           **kwargs).images_per_call(n) == 1
+    assert_rel_close(raw(together, x, targets=targets), raw(alone, x, targets=targets),
+                     rtol=1e-5)
+
+
 @PROPERTY
 @given(data=st.data(), spec=tiny_conv_models())
 def test_property_head_equals_full(data, spec):
