@@ -38,7 +38,13 @@ LIBRARY_TESTS := tests/test_explainers.py tests/test_methods.py tests/test_recip
   tests/test_keras_internals.py tests/test_backends.py
 
 ## Run the test suite (TensorFlow), the library's tests on JAX and PyTorch, every notebook with small parameters, and the core-install check
-test: $(STAMP) test-core test-backends
+# The three run side by side (each target's output printed when it ends): much of the main
+# suite waits on notebook kernels and subprocesses, which leaves the cores to the others.
+test: $(STAMP)
+	@$(MAKE) --no-print-directory -j3 --output-sync=target test-main test-backends test-core
+
+## The main suite alone: every test on TensorFlow and every notebook with small parameters
+test-main: $(STAMP)
 	@rm -rf $(CI_NB)
 	$(PY) -m cam.study.reproduce synthetic --small --prepare-only --out $(CI_NB)/synthetic
 	@if [ -n "$(POLEN23E_DIR)" ]; then \
@@ -149,5 +155,5 @@ train: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
-.PHONY: help venv test test-core test-backends data folds train reproduce demo lab benchmark force-rerun \
+.PHONY: help venv test test-main test-core test-backends data folds train reproduce demo lab benchmark force-rerun \
   reproduce-log-polen23e reproduce-log-synthetic

@@ -60,7 +60,7 @@ class FastAblationCAM(AblationExplainer):
 
     name = "FastAblationCAM"
 
-    def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=64,
+    def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=None,
                  ablation_value=0.0, mode="head", reshape=None, fuse=None):
         super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape, fuse)
         h, w = self.split.target_shape[:2]
@@ -432,7 +432,7 @@ class ReciproCAM(AblationExplainer):
 
     name = "ReciproCAM"
 
-    def __init__(self, model, layer=None, score="logit", gaussian=False, batch_size=64,
+    def __init__(self, model, layer=None, score="logit", gaussian=False, batch_size=None,
                  ablation_value=0.0, mode="head", reshape=None, fuse=None):
         super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape, fuse)
         if not isinstance(gaussian, (bool, np.bool_)):

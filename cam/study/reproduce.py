@@ -59,13 +59,15 @@ SMALL = {
 
 
 #: CI overrides for single notebooks on POLEN23E, where every new explainer traces DenseNet-169
-#: (seconds each): the speed study at the last layer only, with two windows; the layer x
+#: (seconds each): the speed study at the last layer only, with two windows and two batch
+#: sizes (one extrapolated, one the main table's row); the layer x
 #: window sweep with two windows (window 1 and a larger one still cover every code path; the
 #: four windows took 523 s of `make test`), as the notebook's smoke run (max_images below
 #: sweep_images: the last two layers, a bypassed convolution and the last feature map, on two
 #: images) at 112 px (a 3x3 grid at `relu`, a quarter of the pixels), with max_evaluations 4 so
 #: that the costly-setting path runs too (five layers at 224 px took 193 s).
-SMALL_NOTEBOOK = {("polen23e", "04"): {"layers": ["relu"], "windows": [1, 2]},
+SMALL_NOTEBOOK = {("polen23e", "04"): {"layers": ["relu"], "windows": [1, 2],
+                                       "batch_sizes": [1, 2048]},
                   ("polen23e", "06"): {"windows": [1, 2], "image_size": 112, "max_images": 2,
                                        "max_evaluations": 4},
                   # Score-CAM and Occlusion (a whole-network pass per mask) on 2 images with

@@ -211,7 +211,9 @@ class SpeedStudy:
     Parameters
     ----------
     repeats : timed calls per row (median reported), after one warm-up call.
-    batch_size : evaluations per compiled batch in the ``head`` and ``full`` modes.
+    batch_size : evaluations per compiled batch in the ``full`` mode; the ``head`` mode uses
+        the library's default (``batch_size=None``: 2048 where XLA fuses the masking into a
+        light head, else 64) except in :meth:`batch_sweep`.
     budget_s : a row whose complete run (``repeats`` calls on all images) is estimated to take
         longer is extrapolated from a sample of ``sample_masks`` evaluations (16 at most in the
         per-mask mode) on one image instead.
@@ -448,7 +450,9 @@ class SpeedStudy:
         if method not in ABLATION_METHODS:
             raise ValueError(f"method must be one of {', '.join(ABLATION_METHODS)}, "
                              f"got {method!r}")
-        size = 1 if mode == "per-mask" else (batch_size or self.batch_size)
+        # head mode: the library's default batch unless one is given (the batch sweep)
+        size = 1 if mode == "per-mask" else batch_size or (None if mode == "head"
+                                                           else self.batch_size)
         run_mode = "head" if mode == "head" else "full"
         options, label = {}, method
         if method == "FastAblationCAM":
@@ -458,7 +462,7 @@ class SpeedStudy:
         explainer = self._build(method, layer, batch_size=size, mode=run_mode, **options)
         masks = explainer.masks(explainer.split.target_shape)
         name = "_score_head" if run_mode == "head" else "_score_full"
-        per_batch = _slots(len(masks), size)[0]
+        per_batch = _slots(len(masks), explainer.batch_size)[0]
         dtype = "bool" if masks.dtype == bool else "float32"
         base = (explainer.layer, explainer.score, name, explainer.ablation_value, per_batch)
         key = base + (masks.shape[1:], dtype)
