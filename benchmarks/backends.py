@@ -182,6 +182,10 @@ def main(argv=None) -> int:
               f"Keras {rows[0]['keras']}. Map difference: largest |map - TensorFlow's map| over "
               f"the three methods, relative to the map's largest value.")
     markdown = table.to_markdown(index=False, floatfmt=".3g")
+    if differences:
+        markdown += ("\n\nLargest difference from TensorFlow's raw map, relative to its largest "
+                     "value, per method:\n\n"
+                     + pd.DataFrame(differences).to_markdown(index=False, floatfmt=".2g"))
     print(header + "\n\n" + markdown)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "backends-speed.csv", index=False)
