@@ -189,6 +189,22 @@ def test_gradient_methods_share_one_warm_compiled_gradient(dense_concat_model, m
     assert calls[-1] is True
 
 
+@pytest.mark.parametrize("batch_size, grouped", [(9, False), (64, True)])
+def test_a_complete_run_that_scores_images_together_is_warmed_up(dense_concat_model,
+                                                                  monkeypatch, batch_size,
+                                                                  grouped):
+    """The sample scores one image per call; a complete run that scores both images' 9
+    ablations in one call (batch 64) compiles that call first, so it gets a warm-up call."""
+    calls = stub_clock(monkeypatch, itertools.repeat(1.0))
+    study = small_study(dense_concat_model, budget_s=60)
+    study.forward()
+    before = len(calls)
+    row = study.ablation("FastAblationCAM", "relu1", "head", window=2, batch_size=batch_size)
+    assert row["evaluations/image"] == 9 and row["measured"] == "all"
+    # the sample (warmed up on one batch), then the complete run: warmed up when grouped
+    assert len(calls) == before + 2 and calls[-1] is grouped
+
+
 def test_shared_compiled_functions_give_the_maps_of_fresh_explainers(dense_concat_model):
     """Sharing a trace must not change what is computed: every explainer the study builds
     gives the raw maps of the same explainer built on its own."""

@@ -331,8 +331,12 @@ class SpeedStudy:
     def _warm_head(self, explainer) -> bool:
         """Whether a complete run of ``explainer`` finds every compiled function warm once its
         sample ran: head mode (the trunk and head ran on these shapes in :meth:`_first_image`)
-        with all images in one trunk batch."""
-        return explainer.mode == "head" and len(self.images) <= TRUNK_BATCH
+        with all images in one trunk batch, and one image per scoring call as in the sample
+        (an explainer that scores several images' ablations in one call compiles that call
+        in its first complete run)."""
+        grouped = hasattr(explainer, "images_per_call") and len(self.images) > 1 and \
+            explainer.images_per_call(explainer.evaluations_per_image) > 1
+        return explainer.mode == "head" and len(self.images) <= TRUNK_BATCH and not grouped
 
     def _ready(self) -> None:
         if self.forward_ms is None:
