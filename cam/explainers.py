@@ -42,9 +42,9 @@ from . import maps as M
 from .graph import Split
 
 MODES = ("head", "full")
-#: Ablated copies per compiled call by default (batch_size=None), and where XLA fuses the
-#: masking into a light head (no copy is written to memory).
-BATCH, FUSED_BATCH = 64, 2048
+#: Ablated copies per compiled call by default (batch_size=None); where TensorFlow compiles
+#: a light head with XLA, up to FUSED_BATCH copies of at most FUSED_BYTES in all.
+BATCH, FUSED_BATCH, FUSED_BYTES = 64, 2048, 2**30
 #: Images pushed through the trunk at once (bounded to keep the trunk's memory small).
 TRUNK_BATCH = 16
 
@@ -323,16 +323,16 @@ class AblationExplainer(Explainer):
     :meth:`combine` (how the ablated scores become a map).
 
     ``batch_size``: ablated copies scored per compiled call (several images' copies share a
-    call when they fit). None (the default) chooses :data:`FUSED_BATCH` where TensorFlow's
-    XLA fuses the masking into a light head in head mode (every ablation of a DenseNet-169
-    image in one call), else :data:`BATCH`, which bounds the memory of the ablated copies.
+    call when they fit). None (the default) chooses up to :data:`FUSED_BATCH` copies (at
+    most :data:`FUSED_BYTES` of them) where TensorFlow compiles a light head with XLA in head
+    mode (every ablation of a DenseNet-169 image in one call), else :data:`BATCH`.
 
-    ``fuse``: compile the head-only scoring with XLA on TensorFlow, which fuses the masking
-    into the head's first operation instead of writing every ablated copy to memory (JAX
-    always compiles with XLA; PyTorch runs eagerly). None (the default) fuses when the head
-    has no convolution or attention layer, where XLA on the CPU is faster (Ablation-CAM at
-    DenseNet-169's last layer: about 40% less time scoring its 1664 ablations) but is slower
-    and compiles for seconds longer on convolutions; True or False decides.
+    ``fuse``: compile the head-only scoring with XLA on TensorFlow, which compiles the
+    masking and the head into fused kernels (JAX always compiles with XLA; PyTorch runs
+    eagerly). None (the default) fuses when the head has no convolution or attention layer,
+    where XLA on the CPU is faster (Ablation-CAM at DenseNet-169's last layer: about 36% less
+    time scoring its 1664 ablations at 64 a call) but is slower and compiles for seconds
+    longer on convolutions; True or False decides.
     """
 
     def __init__(self, model, layer=None, score="logit", batch_size=None, ablation_value=0.0,
@@ -353,12 +353,17 @@ class AblationExplainer(Explainer):
                              f"False, got {fuse!r}")
         self.fuse = _light_head(self.split) if fuse is None else bool(fuse)
         if batch_size is None:
-            # TensorFlow with XLA fuses the masking into a light head, so a batch costs no
-            # memory per ablated copy and fewer, larger calls are faster (Ablation-CAM at
-            # DenseNet-169's relu: 2.35x a forward pass at 64 rows, 1.96x at 2048). On JAX,
-            # also XLA, larger batches were slower (2.15x at 64 rows, 3.26x at 2048).
-            fused = self.fuse and B.name() == "tensorflow"
-            batch_size = FUSED_BATCH if fused and mode == "head" else BATCH
+            batch_size = BATCH
+            grid = self.split.target_shape
+            if self.fuse and mode == "head" and B.name() == "tensorflow" \
+                    and all(d is not None for d in grid):
+                # XLA runs a light head faster in fewer, larger calls (Ablation-CAM at
+                # DenseNet-169's relu: 2.35x a forward pass at 64 rows, 1.96x at 2048); the
+                # ablated copies are still written (about 600 MB there), so at most
+                # FUSED_BYTES of them. On JAX, also XLA, larger batches were slower (2.15x
+                # at 64 rows, 3.26x at 2048).
+                per_copy = 4 * int(np.prod(grid))
+                batch_size = int(np.clip(FUSED_BYTES // per_copy, BATCH, FUSED_BATCH))
         self.batch_size = int(batch_size)
         split, value = self.split, self.ablation_value
         self._score_head = self.shared_compiled(

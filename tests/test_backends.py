@@ -251,3 +251,24 @@ def test_a_head_xla_cannot_compile_runs_unfused_with_a_warning():
     b = cam.AblationCAM(model, "relu", fuse=False)(images, targets=0, normalize=False,
                                                    upsample=False)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_default_batch_follows_the_backend_and_the_memory_cap(tiny_sequential,
+                                                                  dense_concat_model,
+                                                                  monkeypatch):
+    """batch_size=None: up to 2048 copies (FUSED_BYTES in all) where TensorFlow runs a light
+    head with XLA, in head mode; 64 otherwise; an explicit batch_size always wins."""
+    from cam import explainers
+
+    tensorflow = keras.backend.backend() == "tensorflow"
+    light = cam.AblationCAM(tiny_sequential, "relu2")
+    assert light.batch_size == (explainers.FUSED_BATCH if tensorflow else explainers.BATCH)
+    assert cam.AblationCAM(tiny_sequential, "relu2", fuse=False).batch_size == 64
+    assert cam.AblationCAM(tiny_sequential, "relu2", mode="full").batch_size == 64
+    assert cam.FastAblationCAM(dense_concat_model, "relu1").batch_size == 64  # a conv head
+    assert cam.AblationCAM(tiny_sequential, "relu2", batch_size=7).batch_size == 7
+    cells = int(np.prod(light.split.target_shape))
+    monkeypatch.setattr(explainers, "FUSED_BYTES", 4 * cells * 100)  # room for 100 copies
+    assert cam.AblationCAM(tiny_sequential, "relu2").batch_size == (100 if tensorflow else 64)
+    monkeypatch.setattr(explainers, "FUSED_BYTES", 4 * cells * 10)  # never below 64
+    assert cam.AblationCAM(tiny_sequential, "relu2").batch_size == 64
