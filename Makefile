@@ -40,8 +40,10 @@ LIBRARY_TESTS := tests/test_explainers.py tests/test_methods.py tests/test_recip
 ## Run the test suite (TensorFlow), the library's tests on JAX and PyTorch, every notebook with small parameters, and the core-install check
 # The three run side by side (each target's output printed when it ends): much of the main
 # suite waits on notebook kernels and subprocesses, which leaves the cores to the others.
+# The other two run at low priority (SIDE), so they take only what the main suite leaves.
 test: $(STAMP)
-	@$(MAKE) --no-print-directory -j3 --output-sync=target test-main test-backends test-core
+	@$(MAKE) --no-print-directory -j3 --output-sync=target SIDE='nice -n 15' \
+	  test-main test-backends test-core
 
 ## The main suite alone: every test on TensorFlow and every notebook with small parameters
 test-main: $(STAMP)
@@ -55,16 +57,16 @@ test-main: $(STAMP)
 
 ## The library's tests on the JAX and PyTorch backends
 test-backends: $(STAMP)
-	KERAS_BACKEND=jax $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
-	KERAS_BACKEND=torch $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
+	KERAS_BACKEND=jax $(SIDE) $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
+	KERAS_BACKEND=torch $(SIDE) $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
 
 ## Install the library with JAX alone (no TensorFlow, no study) in a throwaway venv and run its command line there
 test-core:
 	@rm -rf $(CORE_VENV) && $(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CORE_VENV)/bin/python -m pip install --quiet '.[jax]'
+	$(SIDE) $(CORE_VENV)/bin/python -m pip install --quiet '.[jax]'
 	@rm -rf build/lib build/bdist.* *.egg-info
-	cd /tmp && KERAS_BACKEND=jax $(CURDIR)/$(CORE_VENV)/bin/python $(CURDIR)/tests/core_install_check.py
+	cd /tmp && KERAS_BACKEND=jax $(SIDE) $(CURDIR)/$(CORE_VENV)/bin/python $(CURDIR)/tests/core_install_check.py
 
 # One target per notebook and dataset: a stamp build/reproduce/<dataset>/<name>.done, local to
 # this checkout (build/ is git-ignored), touched when the notebook has run; the notebook writes

@@ -60,23 +60,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def images_for(n: int):
-    import numpy as np
-
-    from cam.study import data
-
-    try:
-        root = data.polen23e_root()
-    except data.DatasetError as error:
-        rng = np.random.default_rng(SEED)
-        pixels = rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-        return pixels, f"{n} random images (seed {SEED}); {error}"
-    folds = data.read_fold_table()
-    rows = folds[folds["fold"] == 0].sample(n, random_state=SEED).sort_index()
-    images = data.load_images(root, rows["file"], IMAGE_SIZE, progress=False)
-    return images.astype(np.float32), f"{n} held-out POLEN23E images (fold 0, seed {SEED})"
-
-
 def device_name(backend: str) -> str:
     if backend == "tensorflow":
         import tensorflow as tf
@@ -100,11 +83,11 @@ def worker(args) -> None:
 
     import cam
     from cam import backend as B
-    from cam.study import models, paths
+    from cam.study import data, models, paths
 
     name = B.name()
     model, _ = models.load_checkpoint(models.CHECKPOINT_STEM, paths.MODELS_DIR, IMAGE_SIZE)
-    images, source = images_for(args.images)
+    images, source = data.held_out_sample(args.images, IMAGE_SIZE, SEED)
     forward = B.compiled(lambda x: model(x, training=False), model.variables)
 
     def timed(fn):

@@ -20,8 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 import cam  # noqa: E402
 from cam.study import data, models, paths, speed  # noqa: E402
 
@@ -65,20 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def held_out_images(n: int) -> tuple[np.ndarray, str]:
-    """``n`` held-out POLEN23E images when the data is present, else seeded random pixels."""
-    try:
-        root = data.polen23e_root()
-    except data.DatasetError as error:
-        rng = np.random.default_rng(SEED)
-        pixels = rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-        return pixels, f"{n} random images (seed {SEED}); {error}"
-    folds = data.read_fold_table()
-    rows = folds[folds["fold"] == 0].sample(n, random_state=SEED).sort_index()
-    images = data.load_images(root, rows["file"], IMAGE_SIZE, progress=False)
-    return images.astype(np.float32), f"{n} held-out POLEN23E images (fold 0, seed {SEED})"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
@@ -89,7 +73,7 @@ def main(argv=None) -> None:
     except FileNotFoundError:
         model = models.build_densenet169(23, image_size=IMAGE_SIZE)
         weights = "random weights"
-    images, source = held_out_images(args.images)
+    images, source = data.held_out_sample(args.images, IMAGE_SIZE, SEED)
     print("\n".join(f"- {k}: {v}" for k, v in speed.machine().items()))
     print(f"- model: DenseNet-169 at {IMAGE_SIZE}x{IMAGE_SIZE}, {weights}; {source}\n")
     study = speed.SpeedStudy(model, images, repeats=args.repeats, batch_size=args.batch_size,

@@ -187,3 +187,20 @@ def test_duplicate_grouping_reports_every_unreadable_file(class_tree):
 def test_image_sizes_read_from_headers(class_tree):
     sizes = data.image_sizes(class_tree, ["alpha/alpha_00.jpg", "beta/beta_04.jpg"])
     assert sizes.to_dict("list") == {"width": [48, 48], "height": [40, 40]}
+
+
+def test_held_out_sample_without_the_dataset_is_seeded_random_pixels(monkeypatch):
+    monkeypatch.setattr(data, "polen23e_root",
+                        lambda: (_ for _ in ()).throw(data.DatasetError("POLEN23E not found")))
+    images, source = data.held_out_sample(3, 16, seed=4)
+    again, _ = data.held_out_sample(3, 16, seed=4)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.float32
+    np.testing.assert_array_equal(images, again)
+    assert source == "3 random images (seed 4); POLEN23E not found"
+
+
+@polen
+def test_held_out_sample_takes_fold_zero_images():
+    images, source = data.held_out_sample(2, 32)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.float32 and images.std() > 5
+    assert source == "2 held-out POLEN23E images (fold 0, seed 0)"

@@ -200,6 +200,21 @@ def polen23e_root() -> Path:
     return root
 
 
+def held_out_sample(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, str]:
+    """``n`` held-out POLEN23E images (fold 0, a seeded sample) at ``size`` px as float32,
+    with a line saying what they are; seeded random pixels when the dataset is absent (the
+    benchmarks run anywhere)."""
+    try:
+        root = polen23e_root()
+    except DatasetError as error:
+        pixels = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3))
+        return pixels.astype(np.float32), f"{n} random images (seed {seed}); {error}"
+    folds = read_fold_table()
+    rows = folds[folds["fold"] == 0].sample(n, random_state=seed).sort_index()
+    images = load_images(root, rows["file"], size, progress=False)
+    return images.astype(np.float32), f"{n} held-out POLEN23E images (fold 0, seed {seed})"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
