@@ -104,8 +104,9 @@ def compiled(fn: Callable, variables: Sequence = None, fuse: bool = False) -> Co
     ``fuse=True`` asks for a fusing compiler where the backend has one as an option: XLA on
     TensorFlow (``jit_compile=True``; JAX always compiles with XLA). It pays for small
     functions that are mostly elementwise work and reductions, such as masking a batch of
-    activations and pooling them, which XLA compiles into fewer, fused kernels. A function XLA cannot compile (an operation it lacks) runs through plain
-    ``tf.function`` instead, with a warning naming the error."""
+    activations and pooling them, which XLA compiles into fewer, fused kernels. A function
+    XLA cannot compile (an operation it lacks) runs through plain ``tf.function`` instead,
+    with a warning naming the error."""
     return _build(fn, _variables(variables), grad=False, fuse=fuse)
 
 

@@ -347,7 +347,6 @@ class AblationExplainer(Explainer):
         if not np.isfinite(value):
             raise ValueError(f"ablation_value must be finite, got {ablation_value!r}")
         self.ablation_value = value
-        # shared by every ablation method on this model and layer with this ablation value
         if fuse is not None and not isinstance(fuse, (bool, np.bool_)):
             raise ValueError(f"fuse must be None (decide from the head's layers), True or "
                              f"False, got {fuse!r}")
@@ -365,6 +364,7 @@ class AblationExplainer(Explainer):
                 per_copy = 4 * int(np.prod(grid))
                 batch_size = int(np.clip(FUSED_BYTES // per_copy, BATCH, FUSED_BATCH))
         self.batch_size = int(batch_size)
+        # shared by every ablation method on this model and layer with this ablation value
         split, value = self.split, self.ablation_value
         self._score_head = self.shared_compiled(
             ("score_head", value), lambda: lambda *a: _score_head(split, value, *a),
@@ -508,11 +508,9 @@ def _ablate(activation, mask, ablation_value):
 
 
 def _score_head(split, ablation_value, activation, bypass, mask, target):
-    # activation (1, h, w, C) and bypass (1, ...) of one image; mask (N, h|1, w|1, C|1).
-    n = ops.shape(mask)[0]
-    ablated = _ablate(activation, mask, ablation_value)
-    tiled = [B.repeat_rows(b, n) for b in bypass]
-    return ops.take(split.head(ablated, tiled), target, axis=1)
+    # one image: activation (1, h, w, C) and bypass (1, ...); target a scalar: (N,)
+    targets = ops.reshape(ops.cast(target, "int32"), (1,))
+    return _score_images(split, ablation_value, activation, bypass, mask, targets)[0]
 
 
 def _score_full(split, ablation_value, image, mask, target):

@@ -212,8 +212,8 @@ class SpeedStudy:
     ----------
     repeats : timed calls per row (median reported), after one warm-up call.
     batch_size : evaluations per compiled batch in the ``full`` mode; the ``head`` mode uses
-        the library's default (``batch_size=None``: 2048 where XLA fuses the masking into a
-        light head, else 64) except in :meth:`batch_sweep`.
+        the library's default (``batch_size=None``: up to 2048 where TensorFlow compiles a
+        light head with XLA, else 64) except in :meth:`batch_sweep`.
     budget_s : a row whose complete run (``repeats`` calls on all images) is estimated to take
         longer is extrapolated from a sample of ``sample_masks`` evaluations (16 at most in the
         per-mask mode) on one image instead.
