@@ -79,9 +79,9 @@ test-core:
 # input edited during the run counts. FORCE=1 reruns every notebook; the venv is order-only,
 # so reinstalling it reruns nothing.
 LIBRARY := $(wildcard cam/*.py cam/study/*.py)
-INPUTS_polen23e := models/densenet169-polen23e-fold0.weights.h5 \
+INPUTS_polen23e := models/densenet169-polen23e-fold0.weights.h5.gz \
   models/densenet169-polen23e-fold0.json data/polen23e-folds.csv
-INPUTS_synthetic := $(wildcard data/models/small-cnn-synthetic-fold0.weights.h5 \
+INPUTS_synthetic := $(wildcard data/models/small-cnn-synthetic-fold0.weights.h5.gz \
   data/models/small-cnn-synthetic-fold0.json)
 STUDY_NB := $(sort $(wildcard notebooks/0*.ipynb))
 NB_polen23e := $(STUDY_NB:notebooks/%.ipynb=build/reproduce/polen23e/%.done)

@@ -3,7 +3,7 @@
     python benchmarks/backends.py [--images 8] [--repeats 3] [--layer relu]
                                   [--backends tensorflow,jax,torch] [--out results/polen23e/tables]
 
-The committed DenseNet-169 checkpoint (``.weights.h5``) is built and loaded on each backend in
+The committed DenseNet-169 checkpoint (``.weights.h5.gz``) is built and loaded on each backend in
 its own process (Keras chooses its backend at import), on the same held-out POLEN23E images
 ($POLEN23E_DIR; else seeded random pixels, said in the output), 224 x 224. Per backend: a
 forward pass of the whole model (compiled by cam.backend, as the explainers' functions are),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -9,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from cam.study import data, paths
+from cam.study import data, models, paths
 from cam.study.models import CHECKPOINT_STEM, build_densenet169, checkpoint_paths, load_checkpoint
 from cam.study.train import TrainConfig, recalibrate_batchnorm, training_dataset
 
@@ -61,6 +62,57 @@ def test_training_dataset_batches_augmented_images():
     assert not any(np.array_equal(x.numpy()[0], img.astype("float32")) for img in images)
 
 
+def packed_checkpoint(folder, blob: bytes, recorded: bytes | None = None):
+    """A checkpoint "x" in ``folder``: ``blob`` compressed, and a JSON recording the SHA-256
+    of ``recorded`` (``blob`` itself by default)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    packed, meta = checkpoint_paths("x", folder)
+    raw = folder / "x.weights.h5"
+    raw.write_bytes(blob)
+    models.compress_file(raw, packed)
+    raw.unlink()
+    meta.write_text(json.dumps({"sha256": hashlib.sha256(recorded or blob).hexdigest()}))
+    return packed
+
+
+def test_compressed_weights_are_decompressed_once_and_checked(tmp_path, monkeypatch):
+    blob = np.random.default_rng(0).integers(0, 8, 100_000, dtype=np.uint8).tobytes()
+    packed = packed_checkpoint(tmp_path / "models", blob)
+    first = packed.read_bytes()
+    assert len(first) < len(blob) // 2
+    cached = models.unpacked_weights("x", tmp_path / "models", tmp_path / "cache")
+    assert cached == tmp_path / "cache" / "x.weights.h5" and cached.read_bytes() == blob
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["x.weights.h5"]
+    packed_checkpoint(tmp_path / "models", blob)
+    assert packed.read_bytes() == first  # the same weights give the same bytes (no dates)
+
+    monkeypatch.setattr(models.gzip, "open", None)  # a copy whose digest matches is reused
+    assert models.unpacked_weights("x", tmp_path / "models", tmp_path / "cache") == cached
+    monkeypatch.undo()
+    cached.write_bytes(b"stale")  # one that does not is decompressed again
+    assert models.unpacked_weights("x", tmp_path / "models", tmp_path / "cache").read_bytes() == blob
+
+
+def test_weights_that_decompress_to_other_bytes_name_both_digests(tmp_path):
+    packed_checkpoint(tmp_path, b"retrained weights", recorded=b"recorded weights")
+    with pytest.raises(ValueError) as error:
+        models.unpacked_weights("x", tmp_path, tmp_path / "cache")
+    assert hashlib.sha256(b"retrained weights").hexdigest() in str(error.value)
+    assert hashlib.sha256(b"recorded weights").hexdigest() in str(error.value)
+    assert not any((tmp_path / "cache").iterdir())  # no copy, partial or whole, is left
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda gz: gz[: len(gz) // 2],  # truncated
+    lambda gz: b"version https://git-lfs.github.com/spec/v1\noid sha256:...\n",  # an LFS pointer
+])
+def test_unreadable_compressed_weights_are_refused(tmp_path, corrupt):
+    packed = packed_checkpoint(tmp_path, b"weights" * 1000)
+    packed.write_bytes(corrupt(packed.read_bytes()))
+    with pytest.raises(ValueError, match="cannot be decompressed .*: the file is corrupt"):
+        models.unpacked_weights("x", tmp_path, tmp_path / "cache")
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     if not WEIGHTS.is_file():
         pytest.fail(f"the committed checkpoint {WEIGHTS} is missing")
@@ -68,8 +120,8 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     blob = bytearray(WEIGHTS.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     (tmp_path / WEIGHTS.name).write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="SHA-256"):
-        load_checkpoint(CHECKPOINT_STEM, tmp_path)
+    with pytest.raises(ValueError, match="the file is corrupt"):
+        load_checkpoint(CHECKPOINT_STEM, tmp_path, cache_dir=tmp_path / "cache")
 
 
 def test_checkpoint_with_other_architecture_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""cam.plot: overlays keep the image where the map is weak, figures save as PNG."""
+"""cam.plot: overlays keep the image where the map is weak, figures save as PNG or JPEG."""
 
 from __future__ import annotations
 
@@ -60,6 +60,19 @@ def test_figures_save_png(tmp_path, image, saliency):
     for name in "abc":
         with Image.open(tmp_path / f"{name}.png") as png:
             assert png.size[0] > 50 and png.size[1] > 50
+
+
+def test_save_figure_writes_charts_as_png_and_photographs_as_narrow_jpeg(tmp_path, image):
+    chart, ax = plot.plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [1, 0])
+    plot.save_figure(chart, tmp_path / "figures" / "chart.png")
+    grid = plot.image_grid(np.stack([image] * 30), columns=30)  # 42 inches wide
+    plot.save_figure(grid, tmp_path / "grid.jpg")
+    with Image.open(tmp_path / "figures" / "chart.png") as png:
+        assert png.format == "PNG" and png.width <= 4 * plot.FIGURE_DPI
+        assert png.info["dpi"] == pytest.approx((plot.FIGURE_DPI,) * 2, abs=0.1)
+    with Image.open(tmp_path / "grid.jpg") as jpg:
+        assert jpg.format == "JPEG" and 0.95 * plot.MAX_JPEG_WIDTH < jpg.width <= plot.MAX_JPEG_WIDTH
 
 
 def test_compare_methods_checks_counts(image, saliency):

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import papermill
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from cam.study import download, paths, reproduce
 
@@ -150,8 +150,9 @@ def test_shrinking_keeps_outputs_and_makes_big_pngs_small(tmp_path):
     assert [o.output_type for o in figure.outputs] == ["stream", "display_data"]
     assert figure.outputs[0].text == "drawn\n"
     assert figure.outputs[1].data["text/plain"] == "<Figure>"
-    image = Image.open(io.BytesIO(base64.b64decode(figure.outputs[1].data["image/png"])))
-    assert image.size == (reproduce.MAX_PNG_WIDTH, 600)
+    [mime] = [key for key in figure.outputs[1].data if key.startswith("image/")]  # PNG or JPEG
+    image = Image.open(io.BytesIO(base64.b64decode(figure.outputs[1].data[mime])))
+    assert image.size == (reproduce.MAX_FIGURE_WIDTH, 533)
     meta = book.metadata.papermill
     assert "start_time" not in meta and "end_time" not in meta and meta.duration == 12
     assert meta.input_path == "nb.ipynb"  # relative to the repository
@@ -168,8 +169,25 @@ def test_shrink_png_never_grows_a_figure():
     buffer = io.BytesIO()
     Image.fromarray(see_through, "RGBA").save(buffer, "PNG")
     shrunk = Image.open(io.BytesIO(reproduce.shrink_png(buffer.getvalue()))).convert("RGBA")
-    assert shrunk.width == reproduce.MAX_PNG_WIDTH
+    assert shrunk.width == reproduce.MAX_FIGURE_WIDTH
     assert shrunk.getpixel((0, 0))[3] == 0 and shrunk.getpixel((450, 112))[3] == 255
+
+
+def test_photographs_go_in_as_jpeg_and_charts_as_png():
+    noise = np.random.default_rng(0).integers(0, 256, (600, 1000, 3), dtype=np.uint8)
+    photo = Image.fromarray(noise).filter(ImageFilter.GaussianBlur(3))
+    chart = Image.new("RGB", (1000, 600), "white")
+    draw = ImageDraw.Draw(chart)
+    draw.line([(50, 550), (500, 300), (950, 50)], fill=(31, 119, 180), width=2)
+    draw.text((400, 570), "ms per image", fill="black")
+    for image, mime in ((photo, "image/jpeg"), (chart, "image/png")):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        kind, shrunk = reproduce.shrink_figure(buffer.getvalue())
+        assert kind == mime
+        with Image.open(io.BytesIO(shrunk)) as small:
+            assert small.format == mime.split("/")[1].upper()
+            assert small.size == (reproduce.MAX_FIGURE_WIDTH, 480)
 
 
 def test_run_commits_a_shrunk_copy_and_records_the_peak(tmp_path, monkeypatch):
@@ -229,7 +247,7 @@ def make_tree(tmp_path):
     """The Makefile in a tree of empty inputs, every notebook run (its stamp up to date)."""
     shutil.copy(paths.ROOT / "Makefile", tmp_path)
     inputs = ["pyproject.toml", "cam/__init__.py", "cam/study/reproduce.py",
-              "models/densenet169-polen23e-fold0.weights.h5",
+              "models/densenet169-polen23e-fold0.weights.h5.gz",
               "models/densenet169-polen23e-fold0.json", "data/polen23e-folds.csv"]
     names = ["01-data", "02-train-or-load", "03-saliency", "A01-vit"]
     inputs += [f"notebooks/{n}.ipynb" for n in names]
@@ -285,7 +303,7 @@ def test_make_reruns_only_the_notebook_whose_inputs_changed(make_tree):
 
 @needs_make
 def test_the_synthetic_checkpoint_is_an_input_of_the_notebooks_after_02(make_tree):
-    checkpoint = make_tree / "data/models/small-cnn-synthetic-fold0.weights.h5"
+    checkpoint = make_tree / "data/models/small-cnn-synthetic-fold0.weights.h5.gz"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.touch()  # notebook 02 trained it: newer than 02's stamp
     assert rerun(make(make_tree, "-n", "demo")) == ["01", "03", "A01"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import os
 import re
+import shutil
+import zlib
 from pathlib import Path
 
 import keras
@@ -96,9 +100,54 @@ def study_checkpoint(dataset: str, fold: int = 0, architecture: str | None = Non
 
 
 def checkpoint_paths(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.MODELS_DIR):
-    """(weights file, metadata JSON) of a checkpoint."""
+    """(weights file, metadata JSON) of a checkpoint. The weights are stored gzip-compressed
+    (``<stem>.weights.h5.gz``); the JSON records the SHA-256 of the ``.weights.h5`` inside."""
     directory = Path(directory)
-    return directory / f"{stem}.weights.h5", directory / f"{stem}.json"
+    return directory / f"{stem}.weights.h5.gz", directory / f"{stem}.json"
+
+
+def compress_file(source: str | Path, target: str | Path) -> None:
+    """``source`` gzip-compressed (level 9) into ``target``, with no name or time in the gzip
+    header: the same weights always give the same bytes, so Git sees no change."""
+    with open(source, "rb") as src, open(target, "wb") as raw, \
+            gzip.GzipFile("", "wb", compresslevel=9, fileobj=raw, mtime=0) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def unpacked_weights(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.MODELS_DIR,
+                     cache_dir: str | Path = paths.CACHE_DIR) -> Path:
+    """The checkpoint's ``.weights.h5``, decompressed once into ``cache_dir`` (git-ignored).
+
+    The cached copy is used while its SHA-256 is the one the JSON records; otherwise the
+    ``.gz`` is decompressed again and its bytes are checked against that SHA-256 before they
+    replace the copy (a ``ValueError`` names both digests when they differ).
+    """
+    packed, meta = checkpoint_paths(stem, directory)
+    if not packed.is_file() or not meta.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {packed.name} (with {meta.name}) not found in {packed.parent}; "
+            f"train one with `make train` (python -m cam.study.train)"
+        )
+    expected = json.loads(meta.read_text())["sha256"]
+    cached = Path(cache_dir) / f"{stem}.weights.h5"
+    if cached.is_file() and sha256_file(cached) == expected:
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
+    try:
+        with gzip.open(packed, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        actual = sha256_file(partial)
+        if actual != expected:
+            raise ValueError(f"{packed} decompresses to SHA-256 {actual}, but {meta.name} "
+                             f"records {expected}: the file is corrupt or was replaced")
+        os.replace(partial, cached)  # whole or not at all, also when two processes race
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, truncated, bad CRC
+        raise ValueError(f"{packed} cannot be decompressed ({error}): the file is corrupt or "
+                         f"was replaced (a Git LFS pointer?)") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return cached
 
 
 def strip_optimizer(source: str | Path, target: str | Path) -> None:
@@ -120,21 +169,25 @@ def strip_optimizer(source: str | Path, target: str | Path) -> None:
 
 def save_checkpoint(model: keras.Model, metadata: dict, stem: str = CHECKPOINT_STEM,
                     directory: str | Path = paths.MODELS_DIR) -> Path:
-    """Write the weights and a JSON with their SHA-256, the architecture and ``metadata``."""
-    weights, meta = checkpoint_paths(stem, directory)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    full = weights.with_name(f"{stem}.partial.weights.h5")
+    """Write the weights (without the optimizer, gzip-compressed) and a JSON with the SHA-256
+    of the uncompressed ``.weights.h5``, the architecture and ``metadata``."""
+    packed, meta = checkpoint_paths(stem, directory)
+    packed.parent.mkdir(parents=True, exist_ok=True)
+    full = packed.with_name(f"{stem}.partial.weights.h5")
+    weights = packed.with_name(f"{stem}.weights.h5")
     model.save_weights(full)
     strip_optimizer(full, weights)
     full.unlink()
+    compress_file(weights, packed)
     record = {
         "weights": weights.name,
         "sha256": sha256_file(weights),
         "architecture": architecture_signature(model),
         **metadata,
     }
+    weights.unlink()
     meta.write_text(json.dumps(record, indent=2) + "\n")
-    return weights
+    return packed
 
 
 def architecture_signature(model: keras.Model) -> dict:
@@ -148,21 +201,12 @@ def architecture_signature(model: keras.Model) -> dict:
 
 
 def load_checkpoint(stem: str = CHECKPOINT_STEM, directory: str | Path = paths.MODELS_DIR,
-                    image_size: int | None = 224) -> tuple[keras.Model, dict]:
-    """Rebuild the architecture, check the weights' SHA-256 and signature, and load them."""
-    weights, meta = checkpoint_paths(stem, directory)
-    if not weights.is_file() or not meta.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {weights.name} (with {meta.name}) not found in {weights.parent}; "
-            f"train one with `make train` (python -m cam.study.train)"
-        )
-    record = json.loads(meta.read_text())
-    actual = sha256_file(weights)
-    if actual != record["sha256"]:
-        raise ValueError(
-            f"{weights} has SHA-256 {actual}, but {meta.name} records {record['sha256']}: "
-            f"the file is corrupt or was replaced (a Git LFS pointer?)"
-        )
+                    image_size: int | None = 224, cache_dir: str | Path = paths.CACHE_DIR
+                    ) -> tuple[keras.Model, dict]:
+    """Rebuild the architecture, check the weights' SHA-256 (:func:`unpacked_weights`) and
+    signature, and load them."""
+    weights = unpacked_weights(stem, directory, cache_dir)
+    record = json.loads(checkpoint_paths(stem, directory)[1].read_text())
     architecture = record.get("config", {}).get("architecture", "densenet169")
     model = ARCHITECTURES[architecture](len(record["classes"]), image_size=image_size)
     expected = dict(record["architecture"])

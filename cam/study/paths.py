@@ -10,6 +10,8 @@ DATA_DIR = ROOT / "data"
 MODELS_DIR = ROOT / "models"
 RESULTS_DIR = ROOT / "results"
 NOTEBOOKS_DIR = ROOT / "notebooks"
+#: Files made from others and remade when missing: decoded images, decompressed checkpoints.
+CACHE_DIR = DATA_DIR / "cache"
 
 #: Environment variable that points at a POLEN23E copy (one folder per class, or flat).
 POLEN23E_ENV = "POLEN23E_DIR"

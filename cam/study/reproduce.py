@@ -8,14 +8,14 @@
 Each notebook gets ``dataset`` and the parameters below that it declares (papermill would
 warn about the others), runs with a progress bar over its cells while its printed output
 streams to the terminal, and its executed copy goes to ``<out>/notebooks/`` (committed: its
-figures are downscaled to at most 900 px wide and papermill's timestamps are dropped, so it
-stays small and its diffs readable); its figures and tables go to ``<out>/figures`` and
-``<out>/tables``. The wall time and the kernel's peak memory of each notebook are added to
-``<out>/tables/00-wall-times.csv`` and ``.md``. A failing notebook stops the run with its
-name and the error, and the run exits non-zero; its partial copy is in ``<out>/executed/``
-(git-ignored). With several notebooks each runs in its own process, so that each peak is
-its own kernel's; ``make reproduce`` runs one per process anyway, only those whose inputs
-changed (see the Makefile).
+figures are downscaled to at most 800 px wide, photographs stored as JPEG, and papermill's
+timestamps are dropped, so it stays small and its diffs readable); its figures and tables go
+to ``<out>/figures`` and ``<out>/tables``. The wall time and the kernel's peak memory of each
+notebook are added to ``<out>/tables/00-wall-times.csv`` and ``.md``. A failing notebook
+stops the run with its name and the error, and the run exits non-zero; its partial copy is
+in ``<out>/executed/`` (git-ignored). With several notebooks each runs in its own process,
+so that each peak is its own kernel's; ``make reproduce`` runs one per process anyway, only
+those whose inputs changed (see the Makefile).
 
 ``--small`` uses the CI parameters (a few images, small sizes, one timed call); with
 ``--prepare-only`` the notebooks are only parameterised (into ``<out>/notebooks/``), for
@@ -132,9 +132,12 @@ def ensure_polen23e() -> Path:
 
 
 #: Embedded figures in the committed executed notebooks are downscaled to this width at most.
-MAX_PNG_WIDTH = 900
+MAX_FIGURE_WIDTH = 800
 #: A figure goes in with at most 256 colours when that is at most this share of its size.
 PALETTE_SHARE = 0.6
+#: A figure goes in as a JPEG when that is at most this share of its smallest PNG: photographs
+#: (micrographs, overlays) do; a chart's lines and text make a PNG the smaller.
+JPEG_SHARE = 0.8
 
 
 def _png_bytes(image, **kwargs) -> bytes:
@@ -143,9 +146,8 @@ def _png_bytes(image, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def shrink_png(data: bytes, max_width: int = MAX_PNG_WIDTH) -> bytes:
-    """``data`` (a PNG) at most ``max_width`` pixels wide, saved optimised, with a 256-colour
-    palette when that is clearly smaller; ``data`` itself when nothing is smaller."""
+def _fitted(data: bytes, max_width: int):
+    """``data`` (a PNG) decoded, at most ``max_width`` pixels wide."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(data))
@@ -153,6 +155,15 @@ def shrink_png(data: bytes, max_width: int = MAX_PNG_WIDTH) -> bytes:
     if image.width > max_width:
         image = image.resize((max_width, max(1, round(image.height * max_width / image.width))),
                              Image.Resampling.LANCZOS)
+    return image
+
+
+def shrink_png(data: bytes, max_width: int = MAX_FIGURE_WIDTH) -> bytes:
+    """``data`` (a PNG) at most ``max_width`` pixels wide, saved optimised, with a 256-colour
+    palette when that is clearly smaller; ``data`` itself when nothing is smaller."""
+    from PIL import Image
+
+    image = _fitted(data, max_width)
     if image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
         image = image.convert("RGBA")
     best = _png_bytes(image)
@@ -167,9 +178,25 @@ def shrink_png(data: bytes, max_width: int = MAX_PNG_WIDTH) -> bytes:
     return best if len(best) < len(data) else data
 
 
+def shrink_figure(data: bytes, max_width: int = MAX_FIGURE_WIDTH) -> tuple[str, bytes]:
+    """(MIME type, bytes) of ``data`` (a PNG) at most ``max_width`` pixels wide: the
+    :func:`shrink_png` copy, or a JPEG (``cam.plot.JPEG_QUALITY``) when that is at most
+    ``JPEG_SHARE`` of it and the figure has no transparency."""
+    from ..plot import JPEG_QUALITY
+
+    png = shrink_png(data, max_width)
+    image = _fitted(data, max_width).convert("RGBA")
+    if image.getchannel("A").getextrema()[0] < 255:
+        return "image/png", png
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=JPEG_QUALITY, optimize=True)
+    jpeg = buffer.getvalue()
+    return ("image/jpeg", jpeg) if len(jpeg) <= JPEG_SHARE * len(png) else ("image/png", png)
+
+
 def shrink_notebook(source: Path, target: Path) -> tuple[int, int]:
     """Write ``source`` (an executed notebook) to ``target`` with its PNG outputs shrunk by
-    ``shrink_png`` and papermill's and nbclient's timestamps dropped (outputs are kept);
+    ``shrink_figure`` and papermill's and nbclient's timestamps dropped (outputs are kept);
     returns the sizes in bytes before and after."""
     import nbformat
 
@@ -182,8 +209,8 @@ def shrink_notebook(source: Path, target: Path) -> tuple[int, int]:
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if "image/png" in data:
-                png = base64.b64decode(data["image/png"])
-                data["image/png"] = base64.b64encode(shrink_png(png)).decode("ascii")
+                mime, image = shrink_figure(base64.b64decode(data.pop("image/png")))
+                data[mime] = base64.b64encode(image).decode("ascii")
     meta = book.metadata.get("papermill")
     if meta is not None:  # paths relative to the repository: the same on every checkout
         _drop_times(meta)

@@ -55,7 +55,7 @@ class TrainConfig:
 
 
 def cached_images(root: Path, files, size: int,
-                  cache_dir: Path = paths.DATA_DIR / "cache") -> np.ndarray:
+                  cache_dir: Path = paths.CACHE_DIR) -> np.ndarray:
     """Decode ``files`` once at ``size`` px and keep them in ``data/cache`` (git-ignored)."""
     files = list(files)
     digest = hashlib.sha256(("\n".join(files) + f"|{size}|{Path(root).resolve()}").encode()).hexdigest()[:16]
@@ -158,7 +158,8 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
           out_stem: str | None = None, out_dir: Path = paths.MODELS_DIR):
     """Train on every fold but ``cfg.held_out_fold``; return (model, history, summary).
 
-    With ``out_stem`` the final weights are saved as a checkpoint (:func:`cam.study.models.save_checkpoint`).
+    With ``out_stem`` the final weights are saved as a checkpoint, compressed
+    (:func:`cam.study.models.save_checkpoint`).
     """
     from .models import save_checkpoint
 
@@ -192,7 +193,7 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
         callbacks=[
             held_out_curve,
             # the latest weights, so an interrupted run leaves something to inspect
-            keras.callbacks.ModelCheckpoint(paths.DATA_DIR / "cache" / "last.weights.h5",
+            keras.callbacks.ModelCheckpoint(paths.CACHE_DIR / "last.weights.h5",
                                             save_weights_only=True),
         ],
     )
