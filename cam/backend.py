@@ -21,6 +21,7 @@ and out. TensorFlow is imported only when it is the backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -68,21 +69,146 @@ def tensor(array, dtype=None):
 
 def numpy(value) -> np.ndarray:
     """A backend tensor (or a NumPy array) as a NumPy array."""
-    if name() == "torch" and hasattr(value, "detach"):
+    backend = name()
+    if backend == "torch" and hasattr(value, "detach"):
         value = value.detach()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.device_get(value))  # an explicit transfer (jax.transfer_guard)
     return keras.ops.convert_to_numpy(value)
+
+
+def to_host(*tensors) -> list[np.ndarray]:
+    """Several device tensors as NumPy arrays in one device-to-host copy: each is flattened
+    to float32 and joined on the device, copied once, and cut apart again on the host.
+    Integers (class indices) come back as int64; float32 holds them exactly below 2**24."""
+    shapes = [tuple(keras.ops.shape(t)) for t in tensors]
+    dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
+    flat = keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(t, "float32"), (-1,))
+                                  for t in tensors])
+    joined = numpy(flat)
+    out, start = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        size = int(np.prod(shape))
+        part = joined[start:start + size].reshape(shape)
+        out.append(part.astype(np.int64) if "int" in dtype else part)
+        start += size
+    return out
+
+
+def accelerator_free_bytes() -> int | None:
+    """Free memory of the device Keras computes on, in bytes; None on the CPU (or where the
+    backend does not say)."""
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform == "cpu":
+            return None
+        stats = device.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return None
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info()[0])
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if not gpus:
+        return None
+    details = tf.config.experimental.get_device_details(
+        tf.config.list_physical_devices("GPU")[0])
+    used = tf.config.experimental.get_memory_info("GPU:0")["current"]
+    total = details.get("memory_limit") or 16 * 2**30  # TensorFlow may not report the total
+    return int(max(total - used, 0))
+
+
+#: Whether TF32 (10-bit mantissa) matmuls and convolutions are allowed; see :func:`allow_tf32`.
+_PRECISION = {"tf32": False}
+
+
+@contextlib.contextmanager
+def allow_tf32(allow: bool = True):
+    """Within this context, cam's compiled functions may run float32 matmuls and convolutions
+    as TF32 on a GPU that has it (NVIDIA Ampere and later): faster, with about three decimal
+    digits per product. Outside it (the default) they run at full float32 precision, so maps
+    computed on a GPU equal the CPU's to about 1e-6 of the map (measured on an H200 with JAX:
+    TF32 or JAX's default bfloat16 passes moved them by up to 9e-3). No effect on the CPU."""
+    before = _PRECISION["tf32"]
+    _PRECISION["tf32"] = bool(allow)
+    try:
+        yield
+    finally:
+        _PRECISION["tf32"] = before
+
+
+def tf32_allowed() -> bool:
+    return _PRECISION["tf32"]
+
+
+@contextlib.contextmanager
+def _precision():
+    """The matmul and convolution precision of one compiled call, per :func:`allow_tf32`."""
+    fast = _PRECISION["tf32"]
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        with jax.default_matmul_precision("tensorfloat32" if fast else "highest"):
+            yield
+    elif backend == "torch":
+        import torch
+
+        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    elif not _tf_gpu():
+        yield  # TF32 is a GPU format: nothing to set on the CPU
+    else:
+        import tensorflow as tf
+
+        before = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(fast)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
+_TF_GPU: list = []
+
+
+def _tf_gpu() -> bool:
+    if not _TF_GPU:
+        import tensorflow as tf
+
+        _TF_GPU.append(bool(tf.config.list_physical_devices("GPU")))
+    return _TF_GPU[0]
 
 
 class Compiled:
     """A compiled function of backend tensors. ``traces`` counts how often it was traced
     (compiled anew for new shapes or dtypes); None on PyTorch without ``torch.compile``,
-    which runs eagerly and traces nothing."""
+    which runs eagerly and traces nothing. ``calls`` counts the calls, which the tests use to
+    pin how work is batched."""
 
     def __init__(self, call: Callable, traces: Callable[[], int | None], backend: str):
         self._call, self._traces, self.backend = call, traces, backend
+        self.calls = 0
 
     def __call__(self, *args):
-        return self._call(*args)
+        self.calls += 1
+        with _precision():
+            return self._call(*args)
 
     @property
     def traces(self) -> int | None:
@@ -224,3 +350,11 @@ def repeat_rows(value, n):
 def concat_numpy(parts: Any) -> np.ndarray:
     """Backend tensors joined on the first axis, as one NumPy array (one copy to the host)."""
     return numpy(keras.ops.concatenate(list(parts), axis=0))
+
+
+def pad_rows(value, rows: int):
+    """``value`` (n, ...) with its last row repeated to make ``rows`` rows (n <= rows)."""
+    extra = rows - keras.ops.shape(value)[0]
+    if extra == 0:
+        return value
+    return keras.ops.concatenate([value, repeat_rows(value[-1:], extra)], axis=0)

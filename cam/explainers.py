@@ -30,7 +30,7 @@ Token layers (batch, tokens, C) of a Vision Transformer are explained on their p
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
@@ -38,15 +38,12 @@ from keras import ops
 from tqdm.auto import tqdm
 
 from . import backend as B
+from . import batching
+from . import combine as C
 from . import maps as M
 from .graph import Split
 
 MODES = ("head", "full")
-#: Ablated copies per compiled call by default (batch_size=None); where TensorFlow compiles
-#: a light head with XLA, up to FUSED_BATCH copies of at most FUSED_BYTES in all.
-BATCH, FUSED_BATCH, FUSED_BYTES = 64, 2048, 2**30
-#: Images pushed through the trunk at once (bounded to keep the trunk's memory small).
-TRUNK_BATCH = 16
 
 #: model -> {(layer, score, reshape): _Shared}: explainers on the same model and layer share
 #: one split and its compiled functions, so a second explainer (another method, another
@@ -60,7 +57,6 @@ class _Shared:
 
     def __init__(self, model, layer, score, reshape):
         self.split = Split(model, layer, score, reshape)
-        self.variables = model.variables
         self.functions: dict = {}
 
     def get(self, key, build):
@@ -75,6 +71,42 @@ def _shared(model, layer, score, reshape) -> _Shared:
     if key not in per_model:
         per_model[key] = _Shared(model, layer, score, reshape)
     return per_model[key]
+
+
+def release(model, layer=None) -> int:
+    """Drop what cam keeps for ``model`` (every layer, or only ``layer``): its splits and
+    compiled functions, which hold traced copies of the network (tens of MB for a large
+    model). Explainers built before keep working and compile again when called. cam keeps
+    nothing alive once the model is dropped, so this is for freeing memory early. Returns
+    how many layers were released."""
+    per_model = _SHARED.get(model, {})
+    keys = [k for k in per_model if layer is None or k[0] == layer or
+            per_model[k].split.layer == layer]
+    for key in keys:
+        del per_model[key]
+    if not per_model:
+        _SHARED.pop(model, None)
+    return len(keys)
+
+
+def _chunked(fn, rows: int, *tensors):
+    """``fn`` on ``tensors`` (n, ...) in calls of ``rows`` rows, the last padded by repeating
+    its last row (one shape, one trace), the outputs (a tensor or a tuple of them) joined on
+    the device and cut back to n rows."""
+    n = ops.shape(tensors[0])[0]
+    outs = []
+    for start in range(0, n, rows):
+        outs.append(fn(*(B.pad_rows(t[start:start + rows], rows) for t in tensors)))
+    if isinstance(outs[0], (tuple, list)):
+        return tuple(_join([o[i] for o in outs], n) for i in range(len(outs[0])))
+    return _join(outs, n)
+
+
+def _join(parts, n):
+    if isinstance(parts[0], (tuple, list)):  # a list of tensors (the bypass)
+        return [_join([p[i] for p in parts], n) for i in range(len(parts[0]))]
+    joined = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=0)
+    return joined if ops.shape(joined)[0] == n else joined[:n]
 
 
 class Explainer:
@@ -96,25 +128,35 @@ class Explainer:
         self.score = score
         # Compiled once per model and layer (cam.backend: tf.function, jax.jit or torch.no_grad)
         # and shared by every explainer there.
-        self._trunk = self.shared_compiled("trunk", lambda: self.split.trunk)
-        self._head = self.shared_compiled("head", lambda: self.split.head)
+        self._trunk = self.shared_compiled("trunk", lambda: self.split.trunk, part="trunk")
+        self._head = self.shared_compiled("head", lambda: self.split.head, part="head")
         self._full = self.shared_compiled("full", lambda: self.split.full)
         self.last_targets: np.ndarray | None = None
         self.last_scores: np.ndarray | None = None
 
-    def compiled(self, fn) -> B.Compiled:
-        """``fn`` compiled for the backend, reading this explainer's model weights."""
-        return B.compiled(fn, self.model.variables)
+    def compiled(self, fn, part: str = "full") -> B.Compiled:
+        """``fn`` compiled for the backend, reading the variables of ``part`` of the model
+        (:meth:`cam.graph.Split.variables`)."""
+        return B.compiled(fn, self.split.variables(part))
 
-    def shared_compiled(self, key, make_fn, gradient: bool = False,
-                        fuse: bool = False) -> B.Compiled:
+    def shared_compiled(self, key, make_fn, gradient: bool = False, fuse: bool = False,
+                        part: str = "full") -> B.Compiled:
         """The compiled ``make_fn()`` that every explainer on this model and layer shares under
-        ``key``; ``make_fn`` must depend only on the split and on what ``key`` names.
+        ``key``; ``make_fn`` must depend only on the split and on what ``key`` names, and read
+        only the variables of ``part`` (``"trunk"``, ``"head"`` or ``"full"``): on JAX those
+        are passed in on every call, so a head-only function passes the head's few.
         ``fuse``: compile with XLA on TensorFlow too (see :func:`cam.backend.compiled`)."""
-        variables = self._shared.variables
+        split = self._shared.split
         if gradient:
-            return self._shared.get(key, lambda: B.gradient(make_fn(), variables))
-        return self._shared.get((key, fuse), lambda: B.compiled(make_fn(), variables, fuse))
+            return self._shared.get(key, lambda: B.gradient(make_fn(), split.variables(part)))
+        return self._shared.get((key, fuse), lambda: B.compiled(make_fn(), split.variables(part),
+                                                                fuse))
+
+    def rows_per_call(self, part: str, factor: int = 1) -> int:
+        """Rows (images or perturbed copies) one compiled call of ``part`` takes under the
+        memory budget (:mod:`cam.batching`); ``factor`` for a call that keeps more per row
+        (a backward pass keeps the forward's tensors)."""
+        return batching.rows_per_call(factor * self.split.bytes_per_row(part))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model.name!r}, layer={self.layer!r}, "
@@ -140,17 +182,21 @@ class Explainer:
             raise ValueError("images is an empty batch")
         return array.astype(np.float32, copy=False)
 
-    def _check_targets(self, targets, scores: np.ndarray) -> np.ndarray:
-        n, num_classes = scores.shape
+    def _check_targets(self, targets, count: int) -> np.ndarray | None:
+        """None (each image's predicted class, chosen on the device) or (count,) int64."""
+        num_classes = self.split.num_classes
         if targets is None:
-            return scores.argmax(axis=1)
+            return None
+        if isinstance(targets, np.ndarray) and targets.ndim == 0:
+            targets = targets.item()
         array = np.asarray(targets)
-        if array.ndim == 0:
-            array = np.full(n, array)
-        if array.shape != (n,) or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"targets must be None, an int, or {n} ints (one per image); "
-                             f"got {targets!r}")
-        bad = array[(array < 0) | (array >= num_classes)]
+        if array.ndim == 0 and not isinstance(targets, (bool, np.bool_)):
+            array = np.full(count, array)
+        if array.shape != (count,) or not np.issubdtype(array.dtype, np.integer):
+            got = f"{len(array)} values" if array.ndim == 1 else f"{targets!r}"
+            raise ValueError(f"targets must be None, an int, or {count} ints (one per image); "
+                             f"got {got}")
+        bad = array[(array < 0) | (array >= num_classes)] if num_classes else array[array < 0]
         if bad.size:
             raise ValueError(f"target {int(bad[0])} is out of range: the model has "
                              f"{num_classes} classes, valid targets are 0..{num_classes - 1}")
@@ -202,46 +248,94 @@ class Explainer:
         return self.explain(images, targets, upsample, normalize, threshold).maps
 
     def explain(self, images, targets=None, upsample: bool = True, normalize: bool = True,
-                threshold=0.0) -> "Explanation":
+                threshold=0.0, features: "Features | None" = None) -> "Explanation":
         """The maps (as :meth:`__call__` returns them) together with the raw maps on the layer's
-        grid, the class explained per image and the model's scores: an :class:`Explanation`."""
+        grid, the class explained per image and the model's scores: an :class:`Explanation`.
+
+        ``features``: the trunk pass of these ``images`` from :meth:`features` of any
+        head-mode explainer on the same model, layer and score, so that several methods
+        share one trunk pass::
+
+            features = gradcam.features(images)
+            for explainer in (gradcam, ablationcam, fastablationcam):
+                explainer.explain(images, features=features)
+        """
         images = self._check_images(images)
-        if isinstance(targets, np.ndarray) and targets.ndim == 0:
-            targets = targets.item()
-        if not isinstance(targets, (type(None), int, np.integer)):
-            targets = np.asarray(targets)
-            if targets.ndim != 1 or len(targets) != len(images):
-                got = f"{len(targets)} values" if targets.ndim == 1 else f"{targets!r}"
-                raise ValueError(f"targets must be None, an int, or {len(images)} ints (one per "
-                                 f"image); got {got}")
-        chunks, all_targets, all_scores = [], [], []
-        for start in range(0, len(images), TRUNK_BATCH):
-            batch = images[start:start + TRUNK_BATCH]
-            activation, bypass = self._trunk(B.tensor(batch))
-            # In full mode even the unablated scores come from the whole network (the oracle
-            # shares nothing with the split but the target activation).
-            scores = B.numpy(self._full(B.tensor(batch)) if self.mode == "full"
-                             else self._head(activation, bypass))
-            if start == 0:
-                self._check_logits(scores)
-            chunk_targets = targets if targets is None or np.ndim(targets) == 0 \
-                else targets[start:start + TRUNK_BATCH]
-            chunk_targets = self._check_targets(chunk_targets, scores)
-            chunks.append(self.raw_maps(batch, activation, bypass, chunk_targets,
-                                        scores[np.arange(len(batch)), chunk_targets]))
-            all_targets.append(chunk_targets)
-            all_scores.append(scores)
-        raw = np.concatenate(chunks).astype(np.float32)
+        targets = self._check_targets(targets, len(images))
+        if features is None:
+            features = self.features(images)
+        else:
+            self._check_features(features, images)
+        x, activation, bypass, scores = (features.images, features.activation,
+                                         list(features.bypass), features.scores)
+        chosen = ops.argmax(scores, axis=1) if targets is None else B.tensor(targets, "int32")
+        raw = self.raw_maps(x, activation, bypass, chosen, B.take_targets(scores, chosen))
+        # Everything stays on the device until here: one copy to the host per call.
+        raw, scores, chosen = B.to_host(raw, scores, ops.cast(chosen, "int32"))
+        self._check_logits(scores)
+        raw = raw.astype(np.float32, copy=False)
         out = M.normalize_maps(raw, threshold) if normalize else raw
         maps = M.upsample_maps(out, images.shape[1:3]) if upsample else out
-        return Explanation(maps=maps, raw=raw, targets=np.concatenate(all_targets),
-                           scores=np.concatenate(all_scores), method=self.name, layer=self.layer)
+        return Explanation(maps=maps, raw=raw, targets=chosen, scores=scores, method=self.name,
+                           layer=self.layer)
 
-    def raw_maps(self, images, activation, bypass, targets, scores) -> np.ndarray:
-        """The method: (B, h, w) raw maps for a batch, given the trunk's target ``activation``
-        (B, h, w, C) and ``bypass`` tensors, the ``targets`` (B,) and their scores (B,).
-        The two templates below implement it; a new kind of method overrides it."""
+    def features(self, images) -> "Features":
+        """The trunk pass of a batch of images, kept on the device: what :meth:`explain` starts
+        from, and what several explainers at one layer can share (``explain(features=...)``)."""
+        images = self._check_images(images)
+        x = B.tensor(images)
+        return Features(x, *self.forward(x), split=self.split, mode=self.mode)
+
+    def _check_features(self, features: "Features", images: np.ndarray) -> None:
+        if not isinstance(features, Features):
+            raise TypeError(f"features must come from explainer.features(images), got "
+                            f"{type(features).__name__}")
+        if features.split is not self.split or features.mode != self.mode:
+            raise ValueError(f"features were computed at layer {features.split.layer!r} "
+                             f"({features.split.score}, mode {features.mode!r}); this "
+                             f"{type(self).__name__} explains {self.layer!r} ({self.score}, mode "
+                             f"{self.mode!r}) of {self.model.name!r}: compute them with an "
+                             f"explainer on the same model, layer, score and mode")
+        if features.count != len(images):
+            raise ValueError(f"features are of {features.count} images, got {len(images)}")
+
+    def forward(self, images) -> tuple:
+        """The trunk on a batch of images (a backend tensor), in calls that fit the memory
+        budget: (target activation, bypass tensors, model scores), all on the device. In
+        full mode the scores come from the whole network (the oracle shares nothing with the
+        split but the target activation)."""
+        rows = min(self.rows_per_call("trunk"), ops.shape(images)[0])
+        activation, bypass = _chunked(self._trunk, rows, images)
+        if self.mode == "full":
+            scores = _chunked(self._full, min(self.rows_per_call("full"), rows), images)
+        else:
+            scores = _chunked(lambda a, *b: self._head(a, list(b)), rows, activation, *bypass)
+        return activation, list(bypass), scores
+
+    def raw_maps(self, images, activation, bypass, targets, scores):
+        """The method: (B, h, w) raw maps for a batch, given the ``images``, the trunk's target
+        ``activation`` (B, h, w, C) and ``bypass`` tensors, the ``targets`` (B,) and their
+        scores (B,), all backend tensors on the device; returns a tensor there. The templates
+        below implement it; a new kind of method overrides it."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Features:
+    """One trunk pass of a batch of images (:meth:`Explainer.features`), on the device:
+    the images, the target activation (B, h, w, C), the bypass tensors and the model's
+    scores (B, classes), with the split and mode they belong to."""
+
+    images: object
+    activation: object
+    bypass: list
+    scores: object
+    split: Split = field(repr=False)
+    mode: str = "head"
+
+    @property
+    def count(self) -> int:
+        return int(ops.shape(self.images)[0])
 
 
 @dataclass(frozen=True)
@@ -280,20 +374,27 @@ class GradientExplainer(Explainer):
         split = self.split
         self._gradients = self.shared_compiled(
             ("gradients", mode), lambda: (lambda *a: _head_scores(split, *a)) if mode == "head"
-            else (lambda *a: _full_scores(split, *a)), gradient=True)
+            else (lambda *a: _full_scores(split, *a)), gradient=True,
+            part="head" if mode == "head" else "full")
 
-    def channel_weights(self, activation: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    def channel_weights(self, activation, gradients):
         """The hook: weights from the target activation A (B, h, w, C) and the gradient of
-        each image's class score dy/dA (same shape). Return (B, C) channel weights, or
-        (B, h, w, C) for a weight per cell and channel."""
+        each image's class score dy/dA (same shape), backend tensors (write it with
+        ``keras.ops``; :mod:`cam.combine` has the common ones). Return (B, C) channel
+        weights, or (B, h, w, C) for a weight per cell and channel."""
         raise NotImplementedError
 
     def raw_maps(self, images, activation, bypass, targets, scores):
-        start = activation if self.mode == "head" else ops.zeros_like(activation)
-        watched, grads = self._gradients(start, bypass, B.tensor(images),
-                                         B.tensor(targets, "int32"))
-        watched = B.numpy(watched)
-        return M.weighted_channel_sum(watched, self.channel_weights(watched, B.numpy(grads)))
+        # a backward pass keeps the forward's tensors: twice the bytes of a forward row
+        rows = min(self.rows_per_call("head" if self.mode == "head" else "full", factor=2),
+                   ops.shape(activation)[0])
+
+        def one_call(activation, images, targets, *bypass):
+            start = activation if self.mode == "head" else ops.zeros_like(activation)
+            watched, grads = self._gradients(start, list(bypass), images, targets)
+            return C.weighted_channel_sum(watched, self.channel_weights(watched, grads))
+
+        return _chunked(one_call, rows, activation, images, targets, *bypass)
 
 
 def _head_scores(split, activation, bypass, images, targets):
@@ -314,18 +415,45 @@ def _full_scores(split, delta, bypass, images, targets):
     return B.take_targets(scores, targets), seen[0]
 
 
+def check_batch_size(batch_size) -> int | None:
+    """None (the memory budget decides, :mod:`cam.batching`) or an int >= 1."""
+    if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1):
+        raise ValueError(f"batch_size must be None (chosen from the memory budget) or an int "
+                         f">= 1, got {batch_size!r}")
+    return None if batch_size is None else int(batch_size)
+
+
+def score_rows(score, count: int, masks: int, rows: int, *args, desc: str = ""):
+    """Every (image, mask) pair of ``count`` images and ``masks`` masks, as one list of
+    ``count * masks`` rows (row r: image r // masks, mask r % masks), scored by the compiled
+    ``score(*args, index)`` in calls of ``rows`` rows; ``index`` is the call's row numbers
+    (rows past the end repeat the last image's masks and are dropped). Returns the
+    (count, masks) scores, on the device: no host copy, no loop over images."""
+    total = count * masks
+    calls, rows = batching.plan(total, rows)
+    out = [score(*args, ops.arange(start, start + rows, dtype="int32"))
+           for start in tqdm(range(0, calls * rows, rows), desc=f"{desc} ({total} rows, "
+                             f"{calls} calls of {rows})", leave=False, disable=calls < 8)]
+    joined = out[0] if len(out) == 1 else ops.concatenate(out, axis=0)
+    return ops.reshape(joined[:total], (count, masks))
+
+
 class AblationExplainer(Explainer):
-    """Template of the ablation methods: fixed-size batches of ablated activations scored
+    """Template of the ablation methods: ablated copies of the target activation scored
     through the head only (``mode="head"``) or the whole network (``mode="full"``), in one
     compiled function.
 
     A method implements :meth:`masks` (what each ablation sets to ``ablation_value``) and
-    :meth:`combine` (how the ablated scores become a map).
+    :meth:`combine` (how the ablated scores become a map, in ``keras.ops``).
 
-    ``batch_size``: ablated copies scored per compiled call (several images' copies share a
-    call when they fit). None (the default) chooses up to :data:`FUSED_BATCH` copies (at
-    most :data:`FUSED_BYTES` of them) where TensorFlow compiles a light head with XLA in head
-    mode (every ablation of a DenseNet-169 image in one call), else :data:`BATCH`.
+    Every ablation of every image in a call is one row of a list (:func:`score_rows`), cut
+    into equal compiled calls: several images share a call whenever they fit, and everything
+    stays on the device until the explain call's one copy to the host. ``batch_size``: rows
+    per compiled call at most; None (the default) takes the memory budget
+    (:mod:`cam.batching`) over the bytes of one row through the head (or the whole
+    network in full mode).
 
     ``fuse``: compile the head-only scoring with XLA on TensorFlow, which compiles the
     masking and the head into fused kernels (JAX always compiles with XLA; PyTorch runs
@@ -338,11 +466,7 @@ class AblationExplainer(Explainer):
     def __init__(self, model, layer=None, score="logit", batch_size=None, ablation_value=0.0,
                  mode="head", reshape=None, fuse=None):
         super().__init__(model, layer, score, mode, reshape)
-        if batch_size is not None and (
-                isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                or batch_size < 1):
-            raise ValueError(f"batch_size must be None (chosen from the head) or an int >= 1, "
-                             f"got {batch_size!r}")
+        batch_size = check_batch_size(batch_size)
         value = float(ablation_value)
         if not np.isfinite(value):
             raise ValueError(f"ablation_value must be finite, got {ablation_value!r}")
@@ -351,27 +475,14 @@ class AblationExplainer(Explainer):
             raise ValueError(f"fuse must be None (decide from the head's layers), True or "
                              f"False, got {fuse!r}")
         self.fuse = _light_head(self.split) if fuse is None else bool(fuse)
-        if batch_size is None:
-            batch_size = BATCH
-            grid = self.split.target_shape
-            if self.fuse and mode == "head" and B.name() == "tensorflow" \
-                    and all(d is not None for d in grid):
-                # XLA runs a light head faster in fewer, larger calls (Ablation-CAM at
-                # DenseNet-169's relu: 2.35x a forward pass at 64 rows, 1.96x at 2048); the
-                # ablated copies are still written (about 600 MB there), so at most
-                # FUSED_BYTES of them. On JAX, also XLA, larger batches were slower (2.15x
-                # at 64 rows, 3.26x at 2048).
-                per_copy = 4 * int(np.prod(grid))
-                batch_size = int(np.clip(FUSED_BYTES // per_copy, BATCH, FUSED_BATCH))
-        self.batch_size = int(batch_size)
+        #: Rows (ablated copies) per compiled call at most.
+        self.batch_size = batch_size or self.rows_per_call(mode)
+        self._device_masks: dict = {}
         # shared by every ablation method on this model and layer with this ablation value
         split, value = self.split, self.ablation_value
         self._score_head = self.shared_compiled(
             ("score_head", value), lambda: lambda *a: _score_head(split, value, *a),
-            fuse=self.fuse)
-        self._score_images = self.shared_compiled(
-            ("score_images", value), lambda: lambda *a: _score_images(split, value, *a),
-            fuse=self.fuse)
+            fuse=self.fuse, part="head")
         self._score_full = self.shared_compiled(
             ("score_full", value), lambda: lambda *a: _score_full(split, value, *a))
 
@@ -387,10 +498,11 @@ class AblationExplainer(Explainer):
         """
         raise NotImplementedError
 
-    def combine(self, activation: np.ndarray, scores: np.ndarray, ablated: np.ndarray,
-                masks: np.ndarray) -> np.ndarray:
+    def combine(self, activation, scores, ablated, masks):
         """The hook: (B, h, w) raw maps from the activation (B, h, w, C), the unablated
-        scores y (B,), the ablated scores (B, N) and the N :meth:`masks`."""
+        scores y (B,), the ablated scores (B, N) and the N :meth:`masks`, all backend tensors
+        on the device (write it with ``keras.ops``; :mod:`cam.combine` has the common
+        steps)."""
         raise NotImplementedError
 
     @property
@@ -405,10 +517,8 @@ class AblationExplainer(Explainer):
                              f"image size; call evaluations((h, w, C)) with a known grid")
         return len(self.masks(tuple(grid_shape)))
 
-    def mask_batches(self, masks: np.ndarray) -> list:
-        """Masks cut into equal batches (the last padded with masks that ablate nothing,
-        False or 0.0, so the compiled function never sees a new shape), as tensors made once
-        per call. Float masks are checked to lie in [0, 1] and passed as float32."""
+    def checked_masks(self, masks) -> np.ndarray:
+        """Boolean masks as they are; float masks checked to lie in [0, 1], as float32."""
         masks = np.asarray(masks)
         if masks.dtype != bool:
             if not np.issubdtype(masks.dtype, np.floating):
@@ -417,64 +527,59 @@ class AblationExplainer(Explainer):
                 raise ValueError("float masks are the fraction of each cell ablated and must "
                                  "lie in [0, 1]")
             masks = masks.astype(np.float32, copy=False)
+        return masks
+
+    def device_masks(self, grid_shape: tuple):
+        """The :meth:`masks` for a grid as (NumPy array, tensor on the device), made once per
+        grid and kept."""
+        grid_shape = tuple(int(d) for d in grid_shape)
+        if grid_shape not in self._device_masks:
+            masks = self.checked_masks(self.masks(grid_shape))
+            self._device_masks[grid_shape] = (masks, B.tensor(masks))
+        return self._device_masks[grid_shape]
+
+    def mask_batches(self, masks: np.ndarray) -> list:
+        """Masks cut into equal batches of at most ``batch_size`` (the last padded with masks
+        that ablate nothing, False or 0.0), as tensors: for scoring one image's masks batch by
+        batch (:meth:`ablated_scores`)."""
+        masks = self.checked_masks(masks)
         size = min(self.batch_size, len(masks))  # no padding when one batch holds every mask
         pad = -len(masks) % size
         padded = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], masks.dtype)])
         return [B.tensor(padded[i:i + size]) for i in range(0, len(padded), size)]
 
-    def grouped_scores(self, activation, bypass, targets, masks, group: int) -> np.ndarray:
-        """Ablated scores (B, N) of a batch in head mode, ``group`` images per compiled call
-        (the last group padded with copies of its last image, so the call keeps one shape)."""
-        count = activation.shape[0]
-        mask = self.mask_batches(masks)[0]  # one batch holds every mask
-        targets = np.asarray(targets)
-        out = []
-        for start in range(0, count, group):
-            index = np.minimum(np.arange(start, start + group), count - 1)  # pads with the last
-            take = B.tensor(index, "int32")
-            out.append(self._score_images(
-                ops.take(activation, take, axis=0), [ops.take(b, take, axis=0) for b in bypass],
-                mask, B.tensor(targets[index], "int32")))
-        return B.concat_numpy(out)[:count]
+    def _scorer(self):
+        return self._score_head if self.mode == "head" else self._score_full
 
     def ablated_scores(self, image, activation, bypass, target: int, masks) -> np.ndarray:
-        """Class score with each mask applied, for one image: (len(masks),).
+        """Class score with each mask applied, for one image: (len(masks),), on the host.
 
-        ``masks`` is an array of masks or the output of :meth:`mask_batches`.
-        """
+        ``masks`` is an array of masks or the output of :meth:`mask_batches` (each batch one
+        compiled call). For timing and inspecting single images; :meth:`explain` scores
+        every image's ablations together."""
         if isinstance(masks, np.ndarray):
             count, masks = len(masks), self.mask_batches(masks)
         else:
             count = None
-        target = B.tensor(int(target), "int32")
-        out = []
-        for batch in masks:
-            if self.mode == "head":
-                out.append(self._score_head(activation, bypass, batch, target))
-            else:
-                out.append(self._score_full(image, batch, target))
-        scores = B.concat_numpy(out)  # one device-to-host copy per image
+        targets = B.tensor([int(target)], "int32")
+        source = activation if self.mode == "head" else image
+        out = [score_rows(self._scorer(), 1, ops.shape(batch)[0], ops.shape(batch)[0], source,
+                          list(bypass), batch, targets)[0] for batch in masks]
+        scores = B.concat_numpy(out)  # one device-to-host copy
         return scores if count is None else scores[:count]
 
     def images_per_call(self, masks: int) -> int:
-        """Images whose ablations one compiled call scores together (head mode): as many as
-        fit ``batch_size`` rows when an image has fewer masks than that, else 1."""
-        return max(1, self.batch_size // masks) if self.mode == "head" else 1
+        """Images whose ablations one compiled call scores together: as many as fit
+        ``batch_size`` rows when an image has fewer masks than that, else 1."""
+        return max(1, self.batch_size // masks)
 
     def raw_maps(self, images, activation, bypass, targets, scores):
-        masks = self.masks(tuple(activation.shape[1:]))
-        group = min(self.images_per_call(len(masks)), len(images))
-        if group > 1:
-            ablated = self.grouped_scores(activation, bypass, targets, masks, group)
-            return self.combine(B.numpy(activation), scores, ablated, masks)
-        batches = self.mask_batches(masks)
-        ablated = []
-        for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} ablations/image)",
-                      leave=False, disable=len(images) < 2):
-            ablated.append(self.ablated_scores(
-                B.tensor(images[i:i + 1]), activation[i:i + 1], [b[i:i + 1] for b in bypass],
-                targets[i], batches)[:len(masks)])
-        return self.combine(B.numpy(activation), scores, np.stack(ablated), masks)
+        masks, device = self.device_masks(ops.shape(activation)[1:])
+        count = ops.shape(activation)[0]
+        source = activation if self.mode == "head" else images
+        ablated = score_rows(self._scorer(), count, len(masks), self.batch_size, source,
+                             list(bypass), device, targets, desc=self.name)
+        return self.combine(activation, scores, ablated, device)
 
 
 def _light_head(split) -> bool:
@@ -485,16 +590,20 @@ def _light_head(split) -> bool:
                    for word in heavy)
 
 
-def _score_images(split, ablation_value, activation, bypass, mask, targets):
-    # activation (k, ...) and bypass (k, ...) of k images; mask (N, ...) for each image's
-    # grid; targets (k,). All k * N ablated copies go through the head in one call: (k, N).
-    k, n = ops.shape(activation)[0], ops.shape(mask)[0]
-    ablated = _ablate(ops.expand_dims(activation, 1), ops.expand_dims(mask, 0), ablation_value)
-    rows = ops.reshape(ablated, (k * n, *ops.shape(activation)[1:]))
-    scores = split.head(rows, [ops.repeat(b, n, axis=0) for b in bypass])
-    scores = ops.reshape(scores, (k, n, ops.shape(scores)[-1]))
-    index = ops.reshape(ops.cast(targets, "int32"), (k, 1, 1))
-    return ops.take_along_axis(scores, index, axis=2)[..., 0]
+def _rows(index, masks: int, count):
+    """Row numbers -> (image, mask) numbers; rows past the last image repeat its masks."""
+    return ops.minimum(index // masks, count - 1), index % masks
+
+
+def _score_head(split, ablation_value, activation, bypass, masks, targets, index):
+    # activation (k, h, w, C) and bypass (k, ...) of k images, masks (N, ...), targets (k,);
+    # index (R,): the rows of this call. Each row is one image's activation with one mask
+    # applied, through the head: (R,) class scores.
+    image, mask = _rows(index, ops.shape(masks)[0], ops.shape(activation)[0])
+    rows = _ablate(ops.take(activation, image, axis=0), ops.take(masks, mask, axis=0),
+                   ablation_value)
+    scores = split.head(rows, [ops.take(b, image, axis=0) for b in bypass])
+    return B.take_targets(scores, ops.take(targets, image, axis=0))
 
 
 def _ablate(activation, mask, ablation_value):
@@ -507,16 +616,13 @@ def _ablate(activation, mask, ablation_value):
     return activation * (1 - mask) + value * mask
 
 
-def _score_head(split, ablation_value, activation, bypass, mask, target):
-    # one image: activation (1, h, w, C) and bypass (1, ...); target a scalar: (N,)
-    targets = ops.reshape(ops.cast(target, "int32"), (1,))
-    return _score_images(split, ablation_value, activation, bypass, mask, targets)[0]
-
-
-def _score_full(split, ablation_value, image, mask, target):
-    images = B.repeat_rows(image, ops.shape(mask)[0])
-    return ops.take(split.full(images, replace=lambda t: _ablate(t, mask, ablation_value)),
-                    target, axis=1)
+def _score_full(split, ablation_value, images, bypass, masks, targets, index):
+    # the same rows through the whole network: images (k, H, W, C); bypass unused
+    image, mask = _rows(index, ops.shape(masks)[0], ops.shape(images)[0])
+    mask = ops.take(masks, mask, axis=0)
+    scores = split.full(ops.take(images, image, axis=0),
+                        replace=lambda t: _ablate(t, mask, ablation_value))
+    return B.take_targets(scores, ops.take(targets, image, axis=0))
 
 
 def explain(method: str, model, images, **kwargs) -> np.ndarray:

@@ -422,6 +422,37 @@ class Split:
         self.target_shape = shape
         self.bypass_shapes = [tuple(graph.specs[k].shape[1:]) for k in self.bypass]
 
+    def part_calls(self, part: str) -> list[Call]:
+        """The calls of ``part``: ``"trunk"`` (input to the target and the bypass tensors),
+        ``"head"`` (target and bypass to the output) or ``"full"`` (every call)."""
+        calls = {"trunk": self.trunk_calls, "head": self.head_calls, "full": self.graph.calls}
+        if part not in calls:
+            raise ValueError(f"part must be one of {', '.join(calls)}, got {part!r}")
+        return calls[part]
+
+    def variables(self, part: str) -> list:
+        """The Keras variables the calls of ``part`` read, each once: what a compiled function
+        of that part needs passed in (JAX passes them as arguments on every call)."""
+        seen = {}
+        for call in self.part_calls(part):
+            for variable in getattr(call.operation, "variables", ()):
+                seen.setdefault(id(variable), variable)
+        return list(seen.values())
+
+    def bytes_per_row(self, part: str) -> int:
+        """Bytes one row (one image, or one perturbed copy) costs in ``part``: four per element
+        of every tensor its calls write, plus, for the head, its inputs (the target and the
+        bypass tensors). An upper bound (compilers reuse buffers) that the batching policy
+        (:mod:`cam.batching`) divides its budget by. Unknown dimensions count as 1."""
+        def size(shape):
+            return int(np.prod([d or 1 for d in shape[1:]]))
+
+        total = sum(size(spec.shape) for call in self.part_calls(part)
+                    for spec in call.out_specs)
+        if part == "head":
+            total += sum(size(self.graph.specs[k].shape) for k in [self.target, *self.bypass])
+        return 4 * max(total, 1)
+
     def trunk(self, images) -> tuple[Any, list]:
         """Target activation and bypass tensors for a batch of images."""
         values = dict(zip(self.graph.input_keys, [images]))

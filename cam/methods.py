@@ -10,11 +10,12 @@ from dataclasses import fields
 
 import numpy as np
 from keras import ops
-from tqdm.auto import tqdm
 
 from . import backend as B
+from . import combine as C
 from . import maps as M
-from .explainers import AblationExplainer, Explainer, GradientExplainer
+from .explainers import (AblationExplainer, Explainer, GradientExplainer, check_batch_size,
+                         score_rows)
 from .graph import LayerGraph, Split
 
 
@@ -25,7 +26,7 @@ class GradCAM(GradientExplainer):
     name = "Grad-CAM"
 
     def channel_weights(self, activation, gradients):
-        return M.gradcam_weights(gradients)
+        return C.gradcam_weights(gradients)
 
 
 class AblationCAM(AblationExplainer):
@@ -43,8 +44,7 @@ class AblationCAM(AblationExplainer):
         return np.eye(channels, dtype=bool)[:, None, None, :]
 
     def combine(self, activation, scores, ablated, masks):
-        weights = M.ablation_weights(scores, ablated)
-        return M.weighted_channel_sum(activation, weights)
+        return C.weighted_channel_sum(activation, C.ablation_weights(scores, ablated))
 
 
 class FastAblationCAM(AblationExplainer):
@@ -62,7 +62,8 @@ class FastAblationCAM(AblationExplainer):
 
     def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=None,
                  ablation_value=0.0, mode="head", reshape=None, fuse=None):
-        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape, fuse)
+        super().__init__(model, layer=layer, score=score, batch_size=batch_size,
+                         ablation_value=ablation_value, mode=mode, reshape=reshape, fuse=fuse)
         h, w = self.split.target_shape[:2]
         for name, value in (("window", window), ("stride", stride)):
             if (value is not None or name == "window") and \
@@ -88,7 +89,7 @@ class FastAblationCAM(AblationExplainer):
         return M.window_masks((h, w), self.window, self.stride)[..., None]
 
     def combine(self, activation, scores, ablated, masks):
-        return M.spread_window_drops(scores[:, None] - ablated, masks[..., 0])
+        return C.spread_window_drops(ops.expand_dims(scores, 1) - ablated, masks[..., 0])
 
 
 class GradCAMPlusPlus(GradientExplainer):
@@ -106,7 +107,7 @@ class GradCAMPlusPlus(GradientExplainer):
     name = "Grad-CAM++"
 
     def channel_weights(self, activation, gradients):
-        return M.gradcampp_weights(activation, gradients)
+        return C.gradcampp_weights(activation, gradients)
 
 
 class XGradCAM(GradientExplainer):
@@ -117,7 +118,7 @@ class XGradCAM(GradientExplainer):
     name = "XGrad-CAM"
 
     def channel_weights(self, activation, gradients):
-        return M.xgradcam_weights(activation, gradients)
+        return C.xgradcam_weights(activation, gradients)
 
 
 class LayerCAM(GradientExplainer):
@@ -127,7 +128,7 @@ class LayerCAM(GradientExplainer):
     name = "LayerCAM"
 
     def channel_weights(self, activation, gradients):
-        return M.layercam_weights(gradients)
+        return C.layercam_weights(gradients)
 
 
 class HiResCAM(GradientExplainer):
@@ -147,26 +148,6 @@ class HiResCAM(GradientExplainer):
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_batch_size(batch_size) -> int:
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return int(batch_size)
-
-
-def _fixed_batches(array: np.ndarray, batch_size: int) -> list:
-    """``array`` cut into equal batches of tensors, the last padded with zeros (no occlusion,
-    an all-zero mask), so the compiled scoring function sees one shape per call."""
-    size = min(batch_size, len(array))  # no padding when one batch holds everything
-    padded = _padded(array, size)
-    return [B.tensor(padded[i:i + size]) for i in range(0, len(padded), size)]
-
-
-def _padded(array: np.ndarray, size: int) -> np.ndarray:
-    """``array`` with zeros appended to make its length a multiple of ``size``."""
-    pad = -len(array) % size
-    return np.concatenate([array, np.zeros((pad,) + array.shape[1:], array.dtype)])
 
 
 class _InputTarget(LayerGraph):
@@ -213,15 +194,17 @@ class Occlusion(Explainer):
     PATCHES_PER_SIDE = 14
 
     def __init__(self, model, layer=None, window=None, stride=None, baseline=0.0,
-                 score="logit", batch_size=64, mode="head", reshape=None):
-        super().__init__(model, layer, score, mode, reshape)
+                 score="logit", batch_size=None, mode="head", reshape=None):
+        super().__init__(model, layer=layer, score=score, mode=mode, reshape=reshape)
         # Explain on the input: the trunk is the identity and the head the whole model.
         graph = self.split.graph
         self.split = Split(model, None, score,
                            graph=_InputTarget(**{f.name: getattr(graph, f.name)
                                                  for f in fields(graph)}))
         self.layer = self.split.layer
-        self.batch_size = _check_batch_size(batch_size)
+        #: Occluded images per compiled call at most (None: from the memory budget).
+        self.batch_size = check_batch_size(batch_size) or self.rows_per_call("full")
+        self._device_masks: dict = {}
         if window is not None and (not _is_int(window) or window < 1):
             raise ValueError(f"window must be None (automatic) or an int >= 1, got {window!r}")
         if stride is not None and (not _is_int(stride) or stride < 1
@@ -236,7 +219,9 @@ class Occlusion(Explainer):
         size = tuple(self.split.graph.input_specs[0].shape[1:3])
         if None not in size:
             self.geometry(size)  # a window that cannot fit the model's input fails here
-        self._occluded = self.compiled(self._occluded_eager)
+        split = self.split  # every Occlusion on the model shares one compiled scoring
+        self._occluded = self.shared_compiled("occluded",
+                                              lambda: lambda *a: _occluded_scores(split, *a))
 
     @staticmethod
     def _check_baseline(baseline, channels):
@@ -291,23 +276,45 @@ class Occlusion(Explainer):
         window, stride = self.geometry(size)
         return len(M.window_starts(h, window, stride)) * len(M.window_starts(w, window, stride))
 
-    def _occluded_eager(self, image, masks, baseline, target):
-        # image (1, H, W, C); masks (n, H, W) bool; baseline () or (C,)
-        occluded = ops.where(masks[..., None], ops.cast(baseline, image.dtype), image)
-        return ops.take(self.split.full(occluded), target, axis=1)
+    def device_masks(self, size: tuple[int, int]):
+        """The :meth:`masks` for images of ``size`` on the device, made once per size."""
+        size = tuple(int(d) for d in size)
+        if size not in self._device_masks:
+            self._device_masks[size] = B.tensor(self.masks(size))
+        return self._device_masks[size]
+
+    def _baseline(self, images):
+        """The baseline as one value per input channel (one shape for every Occlusion, which
+        share a compiled function)."""
+        channels = ops.shape(images)[-1]
+        return B.tensor(np.broadcast_to(np.asarray(self.baseline, np.float32), (channels,)))
+
+    def occluded_scores(self, images, masks, targets) -> np.ndarray:
+        """The class scores of each image with each of ``masks`` (N, H, W) occluded, (B, N) on
+        the host, ``batch_size`` occluded images a call: for timing and inspecting."""
+        images = self._check_images(images)
+        masks = B.tensor(np.asarray(masks, bool))
+        return B.numpy(score_rows(self._occluded, len(images), ops.shape(masks)[0],
+                                  self.batch_size, B.tensor(images), masks,
+                                  self._baseline(images),
+                                  B.tensor(np.asarray(targets), "int32")))
 
     def raw_maps(self, images, activation, bypass, targets, scores):
-        masks = self.masks(images.shape[1:3])
-        batches = _fixed_batches(masks, self.batch_size)
-        baseline = B.tensor(self.baseline, "float32")
-        drops = []
-        for i in tqdm(range(len(images)), desc=f"{self.name} ({len(masks)} occlusions/image)",
-                      leave=False, disable=len(images) < 2):
-            image, target = B.tensor(images[i:i + 1]), B.tensor(int(targets[i]), "int32")
-            occluded = B.concat_numpy(
-                [self._occluded(image, b, baseline, target) for b in batches])[:len(masks)]
-            drops.append(scores[i] - occluded)
-        return M.spread_window_drops(np.stack(drops), masks)
+        masks = self.device_masks(ops.shape(images)[1:3])
+        occluded = score_rows(self._occluded, ops.shape(images)[0], ops.shape(masks)[0],
+                              self.batch_size, images, masks, self._baseline(images), targets,
+                              desc=self.name)
+        return C.spread_window_drops(ops.expand_dims(scores, 1) - occluded, masks)
+
+
+def _occluded_scores(split, images, masks, baseline, targets, index):
+    # images (k, H, W, C); masks (N, H, W) bool; baseline () or (C,); index (R,) rows of the
+    # (image, mask) list: the class score of each occluded image, (R,)
+    count, n = ops.shape(images)[0], ops.shape(masks)[0]
+    image, mask = ops.minimum(index // n, count - 1), index % n
+    occluded = ops.where(ops.take(masks, mask, axis=0)[..., None],
+                         ops.cast(baseline, images.dtype), ops.take(images, image, axis=0))
+    return B.take_targets(split.full(occluded), ops.take(targets, image, axis=0))
 
 
 class ScoreCAM(Explainer):
@@ -344,10 +351,11 @@ class ScoreCAM(Explainer):
 
     name = "Score-CAM"
 
-    def __init__(self, model, layer=None, score="logit", batch_size=64, channels=None,
+    def __init__(self, model, layer=None, score="logit", batch_size=None, channels=None,
                  mode="head", reshape=None):
-        super().__init__(model, layer, score, mode, reshape)
-        self.batch_size = _check_batch_size(batch_size)
+        super().__init__(model, layer=layer, score=score, mode=mode, reshape=reshape)
+        #: Masked images per compiled call at most (None: from the memory budget).
+        self.batch_size = check_batch_size(batch_size) or self.rows_per_call("full")
         total = self.split.target_shape[-1]
         if channels is not None and (not _is_int(channels) or channels < 1
                                      or total is not None and channels > total):
@@ -355,7 +363,9 @@ class ScoreCAM(Explainer):
                              f"{total} (layer {self.layer!r} has {total} channels), "
                              f"got {channels!r}")
         self.channels = None if channels is None else int(channels)
-        self._masked = self.compiled(self._masked_eager)
+        split = self.split
+        self._masked = self.shared_compiled("masked", lambda: lambda *a: _masked_scores(split, *a))
+        self._resize: dict = {}
 
     @property
     def channels_used(self) -> int:
@@ -371,33 +381,62 @@ class ScoreCAM(Explainer):
         return (f"{super().__repr__()[:-1]}, channels={self.channels_used} of "
                 f"{self.split.target_shape[-1]})")
 
-    def selected_channels(self, activation: np.ndarray) -> np.ndarray:
-        """Indices of the channels scored for one image's activation (h, w, C)."""
+    def selected_channels(self, activation):
+        """Indices of the channels scored per image, (B, channels used), on the device: every
+        channel, or the ``channels`` of largest spatial variance (largest first; the NumPy
+        reference is :func:`cam.maps.top_variance_channels`)."""
+        count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
         if self.channels is None:
-            return np.arange(activation.shape[-1])
-        return M.top_variance_channels(activation, self.channels)
+            return ops.broadcast_to(ops.arange(total, dtype="int32")[None], (count, total))
+        variance = ops.var(ops.reshape(activation, (count, -1, total)), axis=1)
+        return ops.cast(ops.top_k(variance, self.channels, sorted=True)[1], "int32")
 
-    def _masked_eager(self, image, masks, target):
-        # image (1, H, W, C); masks (n, H, W) in [0, 1]
-        return ops.take(self.split.full(image * masks[..., None]), target, axis=1)
+    def resize_matrices(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple:
+        """(H x h, W x w) matrices that upsample an (h, w) map to (H, W) as R_h A R_w^T, on the
+        device: exactly :func:`cam.maps.upsample_maps` (bilinear, pixel-centre aligned), which
+        builds them by upsampling the unit maps. Made once per grid and size."""
+        key = (tuple(int(d) for d in grid), tuple(int(d) for d in size))
+        if key not in self._resize:
+            matrices = []
+            for cells, pixels in zip(*key):
+                units = np.eye(cells, dtype=np.float32)[:, :, None]  # unit maps (cells, 1)
+                matrices.append(B.tensor(M.upsample_maps(units, (pixels, 1))[:, :, 0].T))
+            self._resize[key] = tuple(matrices)
+        return self._resize[key]
 
     def raw_maps(self, images, activation, bypass, targets, scores):
-        activation = B.numpy(activation)
-        size = images.shape[1:3]
-        weights = np.zeros((len(images), activation.shape[-1]), np.float32)
-        for i in tqdm(range(len(images)),
-                      desc=f"{self.name} ({self.channels_used} masks/image)", leave=False,
-                      disable=len(images) < 2):
-            chosen = self.selected_channels(activation[i])
-            step = min(self.batch_size, len(chosen))
-            image, target = B.tensor(images[i:i + 1]), B.tensor(int(targets[i]), "int32")
-            masked = []
-            for start in range(0, len(chosen), step):
-                # Masks are made one batch at a time: C full-size masks may not fit in memory.
-                masks = M.scorecam_masks(activation[i][..., chosen[start:start + step]], size)
-                masked.append(self._masked(image, B.tensor(_padded(masks, step)), target))
-            weights[i, chosen] = M.scorecam_weights(B.concat_numpy(masked)[:len(chosen)])
-        return M.weighted_channel_sum(activation, weights)
+        count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
+        chosen = self.selected_channels(activation)
+        used = ops.shape(chosen)[1]
+        rows_h, rows_w = self.resize_matrices(ops.shape(activation)[1:3], ops.shape(images)[1:3])
+        channels = ops.reshape(ops.transpose(activation, (0, 3, 1, 2)),
+                               (count * total, *ops.shape(activation)[1:3]))
+        flat = ops.reshape(chosen + ops.arange(count, dtype="int32")[:, None] * total, (-1,))
+        masked = score_rows(self._masked, count, used, self.batch_size, images, channels, flat,
+                            rows_h, rows_w, targets, desc=self.name)
+        weights = ops.einsum("bk,bkc->bc", C.scorecam_weights(masked),
+                             ops.one_hot(chosen, total, dtype="float32"))
+        return C.weighted_channel_sum(activation, weights)
+
+
+def _masked_scores(split, images, channels, flat, rows_h, rows_w, targets, index):
+    # images (k, H, W, C); channels (k * C', h, w) every image's channels; flat (k * used,)
+    # the channel of each (image, mask) row; index (R,) this call's rows: the class score of
+    # each image times its channel's upsampled, min-max normalised map, (R,)
+    count = ops.shape(images)[0]
+    used = ops.shape(flat)[0] // count
+    image = ops.minimum(index // used, count - 1)
+    grid = ops.take(channels, ops.take(flat, ops.minimum(index, count * used - 1), axis=0),
+                    axis=0)
+    up = ops.einsum("Hh,rhw,Ww->rHW", rows_h, grid, rows_w)
+    low = ops.min(up, axis=(1, 2), keepdims=True)
+    high = ops.max(up, axis=(1, 2), keepdims=True)
+    flat_grid = ops.reshape(grid, (ops.shape(grid)[0], -1))
+    constant = ops.logical_or(high <= low, ops.reshape(
+        ops.min(flat_grid, axis=1) == ops.max(flat_grid, axis=1), (-1, 1, 1)))
+    mask = ops.where(constant, 0.0, (up - low) / ops.where(constant, 1.0, high - low))
+    masked = ops.take(images, image, axis=0) * mask[..., None]
+    return B.take_targets(split.full(masked), ops.take(targets, image, axis=0))
 
 
 class ReciproCAM(AblationExplainer):
@@ -434,7 +473,8 @@ class ReciproCAM(AblationExplainer):
 
     def __init__(self, model, layer=None, score="logit", gaussian=False, batch_size=None,
                  ablation_value=0.0, mode="head", reshape=None, fuse=None):
-        super().__init__(model, layer, score, batch_size, ablation_value, mode, reshape, fuse)
+        super().__init__(model, layer=layer, score=score, batch_size=batch_size,
+                         ablation_value=ablation_value, mode=mode, reshape=reshape, fuse=fuse)
         if not isinstance(gaussian, (bool, np.bool_)):
             raise ValueError(f"gaussian must be True or False, got {gaussian!r}")
         self.gaussian = bool(gaussian)
@@ -444,5 +484,4 @@ class ReciproCAM(AblationExplainer):
         return M.keep_masks((h, w), self.gaussian)[..., None]
 
     def combine(self, activation, scores, ablated, masks):
-        h, w = activation.shape[1:3]
-        return np.asarray(ablated, np.float32).reshape(len(ablated), h, w)
+        return ops.reshape(ablated, ops.shape(activation)[:3])

@@ -167,13 +167,13 @@ def test_compiled_functions_report_their_backend_and_traces():
     assert compiled.backend == keras.backend.backend()
     eager = compiled.backend == "torch" and os.environ.get("CAM_TORCH_COMPILE") is None
     assert compiled.traces == (None if eager else 1)  # one shape of mask batch: one trace
-    # two images a call (batch_size 50 holds both images' 25 ablations): another function,
-    # traced once for that shape
+    # two images a call (batch_size 50 holds both images' 25 ablations): the same function,
+    # traced once more for that shape
     grouped = cam.FastAblationCAM(model, "relu2", batch_size=50)
     grouped(images)
     grouped(images)
-    assert grouped._score_images.traces == (None if eager else 1)
-    assert compiled.traces == (None if eager else 1)
+    assert grouped._score_head is compiled
+    assert compiled.traces == (None if eager else 2)
     assert repr(compiled).startswith(f"Compiled(backend={keras.backend.backend()!r}")
     # another method on the same model and layer shares the split and its compiled functions
     other = cam.ReciproCAM(model, "relu2")
@@ -251,24 +251,3 @@ def test_a_head_xla_cannot_compile_runs_unfused_with_a_warning():
     b = cam.AblationCAM(model, "relu", fuse=False)(images, targets=0, normalize=False,
                                                    upsample=False)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
-def test_the_default_batch_follows_the_backend_and_the_memory_cap(tiny_sequential,
-                                                                  dense_concat_model,
-                                                                  monkeypatch):
-    """batch_size=None: up to 2048 copies (FUSED_BYTES in all) where TensorFlow runs a light
-    head with XLA, in head mode; 64 otherwise; an explicit batch_size always wins."""
-    from cam import explainers
-
-    tensorflow = keras.backend.backend() == "tensorflow"
-    light = cam.AblationCAM(tiny_sequential, "relu2")
-    assert light.batch_size == (explainers.FUSED_BATCH if tensorflow else explainers.BATCH)
-    assert cam.AblationCAM(tiny_sequential, "relu2", fuse=False).batch_size == 64
-    assert cam.AblationCAM(tiny_sequential, "relu2", mode="full").batch_size == 64
-    assert cam.FastAblationCAM(dense_concat_model, "relu1").batch_size == 64  # a conv head
-    assert cam.AblationCAM(tiny_sequential, "relu2", batch_size=7).batch_size == 7
-    cells = int(np.prod(light.split.target_shape))
-    monkeypatch.setattr(explainers, "FUSED_BYTES", 4 * cells * 100)  # room for 100 copies
-    assert cam.AblationCAM(tiny_sequential, "relu2").batch_size == (100 if tensorflow else 64)
-    monkeypatch.setattr(explainers, "FUSED_BYTES", 4 * cells * 10)  # never below 64
-    assert cam.AblationCAM(tiny_sequential, "relu2").batch_size == 64

@@ -14,7 +14,6 @@ from keras import layers as L
 
 import cam
 from cam import backend
-from cam.explainers import TRUNK_BATCH
 from conftest import assert_rel_close, raw
 
 #: Every registered method: the shared tests below run each of them.
@@ -257,18 +256,24 @@ def build_random_model(spec):
 @pytest.mark.parametrize("method, kwargs", [("fastablationcam", {"window": 2, "stride": 1}),
                                             ("reciprocam", {"gaussian": True})])
 def test_images_scored_together_equal_one_at_a_time(case, method, kwargs):
-    """In head mode several images' ablations share one compiled call when they fit the
-    batch (5 images, 3 a call: the last call padded); the maps are those of one image a call."""
+    """Several images' ablations share one compiled call when they fit the batch (5 images,
+    3 a call: 2 calls, the last padded), in both modes; the maps are those of one image a
+    call (5 calls)."""
     x = case.images(5, seed=3)
     targets = [0, 1, 2, 1, 0]
     n = METHODS[method](case.model, case.layer, **kwargs).evaluations_per_image
-    together = METHODS[method](case.model, case.layer, batch_size=3 * n, **kwargs)
-    alone = METHODS[method](case.model, case.layer, batch_size=n, **kwargs)
-    assert together.images_per_call(n) == 3 and alone.images_per_call(n) == 1
-    assert METHODS[method](case.model, case.layer, mode="full", batch_size=3 * n,
-                           **kwargs).images_per_call(n) == 1
-    assert_rel_close(raw(together, x, targets=targets), raw(alone, x, targets=targets),
-                     rtol=1e-5)
+    for mode in ("head", "full"):
+        together = METHODS[method](case.model, case.layer, batch_size=3 * n, mode=mode,
+                                   **kwargs)
+        alone = METHODS[method](case.model, case.layer, batch_size=n, mode=mode, **kwargs)
+        assert together.images_per_call(n) == 3 and alone.images_per_call(n) == 1
+        scorer = together._score_head if mode == "head" else together._score_full
+        before = scorer.calls
+        grouped = raw(together, x, targets=targets)
+        assert scorer.calls - before == 2
+        before = scorer.calls
+        assert_rel_close(grouped, raw(alone, x, targets=targets), rtol=1e-5)
+        assert scorer.calls - before == 5
 
 
 @PROPERTY
@@ -542,22 +547,27 @@ class TestTargets:
 
 
 @pytest.mark.parametrize("method", ["gradcam", "fastablationcam"])
-def test_more_images_than_one_trunk_batch(method, gap_head_model):
-    """Targets are matched to images across the trunk's chunks of TRUNK_BATCH images."""
-    n = TRUNK_BATCH + 2
-    x = np.random.default_rng(8).standard_normal((n, 8, 8, 3)).astype(np.float32)
-    targets = [i % 4 for i in range(n)]
+def test_more_images_than_one_trunk_call(method, gap_head_model, monkeypatch):
+    """Targets are matched to images across the trunk's calls, whose size the memory budget
+    sets (here 3 images a call: 8 images in 3 calls, the last padded)."""
     kwargs = {"window": 2} if method == "fastablationcam" else {}
     explainer = METHODS[method](gap_head_model, "relu", **kwargs)
+    monkeypatch.setenv("CAM_MEMORY_BUDGET", str(3 * explainer.split.bytes_per_row("trunk")))
+    assert explainer.rows_per_call("trunk") == 3
+    n = 8
+    x = np.random.default_rng(8).standard_normal((n, 8, 8, 3)).astype(np.float32)
+    targets = [i % 4 for i in range(n)]
+    calls = explainer._trunk.calls
     result = explainer.explain(x, targets=targets, upsample=False, normalize=False)
+    assert explainer._trunk.calls - calls == 3
     maps = result.raw
     assert maps.shape == (n, 8, 8)
     np.testing.assert_array_equal(result.targets, targets)
-    for i in (0, TRUNK_BATCH - 1, TRUNK_BATCH, n - 1):
+    for i in (0, 2, 3, n - 1):
         alone = raw(explainer, x[i:i + 1], targets=targets[i])
         np.testing.assert_allclose(maps[i], alone[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="out of range"):
-        explainer(x, targets=targets[:-1] + [4])  # the bad target is in the second chunk
+        explainer(x, targets=targets[:-1] + [4])
 
 
 # --------------------------------------------------------------------------- misc

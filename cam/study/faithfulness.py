@@ -23,11 +23,10 @@ import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 from tqdm.auto import tqdm
 
 from .. import metrics
-from ..explainers import TRUNK_BATCH, AblationExplainer, GradientExplainer
+from ..explainers import AblationExplainer, GradientExplainer
 from ..methods import ScoreCAM
 
 #: Explainers whose maps start from the target layer's activation, so one trunk pass can
@@ -53,7 +52,7 @@ class Together:
         return float(1000 * np.median(per_image)) if per_image.size else float("nan")
 
 
-def explain_together(explainers: Mapping, images, targets=None, batch_size: int = TRUNK_BATCH,
+def explain_together(explainers: Mapping, images, targets=None, batch_size: int = 16,
                      progress: bool = True) -> Together:
     """Raw maps (N, h, w) on the layer's grid of several explainers of one model at one layer:
     what ``explainer.explain(images, targets, upsample=False, normalize=False).raw`` returns
@@ -76,8 +75,6 @@ def explain_together(explainers: Mapping, images, targets=None, batch_size: int 
             raise ValueError(f"{name} explains {e.layer!r} ({e.score}) of {e.model.name!r}; "
                              f"every explainer must share the first one's model, layer and score")
     images = np.asarray(images, dtype=np.float32)
-    trunk = tf.function(first.split.trunk, reduce_retracing=True)
-    head = tf.function(first.split.head, reduce_retracing=True)
     raws = {name: [] for name in explainers}
     seconds = {name: [] for name in explainers}
     trunk_seconds, chosen, sizes = [], [], []
@@ -85,17 +82,17 @@ def explain_together(explainers: Mapping, images, targets=None, batch_size: int 
                       desc=f"{len(explainers)} methods, one trunk pass per batch"):
         batch = images[start:start + batch_size]
         clock = time.perf_counter()
-        activation, bypass = trunk(tf.constant(batch))
-        scores = head(activation, bypass).numpy()
-        trunk_seconds.append(time.perf_counter() - clock)
-        wanted = scores.argmax(axis=1) if targets is None else \
+        features = first.features(batch)  # the trunk and the unablated head, on the device
+        wanted = None if targets is None else \
             np.broadcast_to(np.asarray(targets), (len(images),))[start:start + batch_size]
+        trunk_seconds.append(time.perf_counter() - clock)
         for name, e in explainers.items():
             clock = time.perf_counter()
-            raws[name].append(e.raw_maps(batch, activation, bypass, wanted,
-                                         scores[np.arange(len(batch)), wanted]))
+            result = e.explain(batch, wanted, upsample=False, normalize=False,
+                               features=features)
+            raws[name].append(result.raw)
             seconds[name].append(time.perf_counter() - clock)
-        chosen.append(wanted)
+        chosen.append(result.targets)
         sizes.append(len(batch))
     return Together({name: np.concatenate(r).astype(np.float32) for name, r in raws.items()},
                     np.concatenate(chosen).astype(np.int64),

@@ -55,7 +55,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ..explainers import TRUNK_BATCH, AblationExplainer, GradientExplainer, method_class
+from ..explainers import GradientExplainer, method_class, release
 from ..graph import candidate_layers
 
 #: The study's layers on DenseNet-169: the final feature map, and internal conv4 and conv3 ones.
@@ -242,7 +242,6 @@ class SpeedStudy:
         #: The study's own time: one dict per row (row, wall and CPU seconds), in order.
         self.wall: list[dict] = []
         self._forward_fn = None
-        self._compiled = {}  # what a compiled function computes -> the tf.function
         self._first = {}  # (layer, score) -> image 0, its target activation and bypass
         self._samples = {}  # cost key -> (ms per evaluation slot, evaluations timed, row)
         self._warm = set()  # (layer, score, mode) whose gradient functions ran on the images
@@ -281,62 +280,42 @@ class SpeedStudy:
 
     # -- shared compiled functions -------------------------------------------------------
 
-    def _shared(self, key: tuple, function):
-        """The compiled function registered under ``key`` (what it computes, on which
-        shapes), or ``function``, registered now: explainers that compute the same thing share
-        one trace instead of tracing DenseNet-169 again (seconds each)."""
-        return self._compiled.setdefault(key, function)
-
     def _build(self, method: str, layer, **options):
-        """``method`` (a name :func:`cam.method_key` accepts) at ``layer``, reusing the trunk,
-        head and gradient functions compiled by earlier explainers at the layer (they read
-        only the split, the same for every explainer there) and the whole-model function."""
-        explainer = method_class(method)(self.model, layer, **options)
-        base = (explainer.layer, explainer.score)
-        for name in ("_trunk", "_head"):
-            setattr(explainer, name, self._shared(base + (name,), getattr(explainer, name)))
-        # The whole model with nothing replaced is the same function at every layer.
-        explainer._full = self._shared(("model", explainer.score, "_full"), explainer._full)
-        if isinstance(explainer, GradientExplainer):
-            explainer._gradients = self._shared(base + ("_gradients", explainer.mode),
-                                                explainer._gradients)
-        return explainer
+        """``method`` (a name :func:`cam.method_key` accepts) at ``layer``: explainers at one
+        layer share the library's compiled trunk, head, gradient and scoring functions."""
+        return method_class(method)(self.model, layer, **options)
 
-    def release(self, layer: str, keep=()) -> None:
-        """Drop what is kept for ``layer`` (its compiled functions, first-image activation and
-        samples): every trace of DenseNet-169 holds tens of MB until it is dropped. The
-        compiled functions named in ``keep`` ("_trunk", "_head") stay, with the first-image
-        activation that warmed them."""
-        for key in [k for k in self._compiled if k[0] == layer and k[2] not in keep]:
-            del self._compiled[key]
-        for store in (self._samples, {} if keep else self._first):
+    def release(self, layer: str) -> None:
+        """Drop what is kept for ``layer`` (the library's compiled functions there, the
+        first-image features and samples): every trace of DenseNet-169 holds tens of MB until
+        it is dropped."""
+        release(self.model, layer)
+        for store in (self._samples, self._first):
             for key in [k for k in store if k[0] == layer]:
                 del store[key]
         self._warm = {k for k in self._warm if k[0] != layer}
         gc.collect()
 
-    def _first_image(self, explainer) -> tuple:
-        """Image 0, its target activation and bypass at the explainer's layer, computed once
-        per layer with the shared compiled trunk and head on all images (the shapes every
-        complete run uses when the images fit in one trunk batch, so those are compiled and
-        warm afterwards)."""
-        key = (explainer.layer, explainer.score)
+    def _first_image(self, explainer):
+        """The features (:meth:`cam.Explainer.features`) of image 0 at the explainer's layer,
+        after the trunk and head ran once on all images (the shapes every complete run uses,
+        so those are compiled and warm afterwards)."""
+        key = (explainer.layer, explainer.score, explainer.mode)
         if key not in self._first:
-            activation, bypass = explainer._trunk(tf.constant(self.images[:TRUNK_BATCH]))
-            explainer._head(activation, bypass)
-            self._first[key] = (tf.constant(self.images[:1]), activation[:1],
-                                [b[:1] for b in bypass])
+            explainer.features(self.images)
+            self._first[key] = explainer.features(self.images[:1])
         return self._first[key]
 
     def _warm_head(self, explainer) -> bool:
         """Whether a complete run of ``explainer`` finds every compiled function warm once its
         sample ran: head mode (the trunk and head ran on these shapes in :meth:`_first_image`)
-        with all images in one trunk batch, and one image per scoring call as in the sample
+        with all images in one trunk call, and one image per scoring call as in the sample
         (an explainer that scores several images' ablations in one call compiles that call
         in its first complete run)."""
         grouped = hasattr(explainer, "images_per_call") and len(self.images) > 1 and \
             explainer.images_per_call(explainer.evaluations_per_image) > 1
-        return explainer.mode == "head" and len(self.images) <= TRUNK_BATCH and not grouped
+        return explainer.mode == "head" and \
+            len(self.images) <= explainer.rows_per_call("trunk") and not grouped
 
     def _ready(self) -> None:
         if self.forward_ms is None:
@@ -470,7 +449,6 @@ class SpeedStudy:
         dtype = "bool" if masks.dtype == bool else "float32"
         base = (explainer.layer, explainer.score, name, explainer.ablation_value, per_batch)
         key = base + (masks.shape[1:], dtype)
-        setattr(explainer, name, self._shared(key, getattr(explainer, name)))
         return explainer, label, masks, key if run_mode == "head" else base
 
     def ablation(self, method: str, layer: str, mode: str, window: int = 1,
@@ -489,7 +467,8 @@ class SpeedStudy:
         n_sample = min(evaluations, min(PER_MASK_SAMPLE, self.sample_masks) if mode == "per-mask"
                        else max(size, self.sample_masks // size * size))
         batches = explainer.mask_batches(masks[:n_sample])
-        image, activation, bypass = self._first_image(explainer)
+        first = self._first_image(explainer)
+        image, activation, bypass = first.images, first.activation, first.bypass
         target = int(self.targets[0])
         score = lambda b: explainer.ablated_scores(  # noqa: E731
             image, activation, bypass, target, b)
@@ -513,13 +492,12 @@ class SpeedStudy:
         per_batch, slots = _slots(evaluations, self.batch_size)
         key = (explainer.layer, explainer.score, "_masked",
                (per_batch,) + self.images.shape[1:3])
-        explainer._masked = self._shared(key, explainer._masked)
         # The sample: the explainer itself on image 0 with its channels cut to whole batches
         # (masks made, the masked images scored, as in a complete run).
         sampler = copy.copy(explainer)
         sampler.channels = min(evaluations,
                                per_batch * max(1, self.sample_masks // per_batch))
-        _, activation, _ = self._first_image(explainer)
+        first = self._first_image(explainer)
         targets = self.targets[:1]
         notes = (f"trunk once per image; one whole-network pass per channel (the image times "
                  f"the channel's upsampled map), in batches of {per_batch}")
@@ -528,7 +506,8 @@ class SpeedStudy:
                      f"spatial variance (Faster Score-CAM); " + notes)
         return self._sampled(
             row, started, evaluations=evaluations, slots=slots, unit="channel",
-            sample=lambda: sampler.raw_maps(self.images[:1], activation, [], targets, None),
+            sample=lambda: sampler.explain(self.images[:1], targets, upsample=False,
+                                           normalize=False, features=first),
             sample_count=sampler.channels, sample_slots=sampler.channels,
             run_all=lambda: explainer(self.images), warm=self._warm_head(explainer), key=key,
             notes=notes)
@@ -548,21 +527,17 @@ class SpeedStudy:
         per_batch, slots = _slots(evaluations, self.batch_size)
         key = (explainer.layer, explainer.score, "_occluded", explainer.baseline,
                (per_batch,) + tuple(size))
-        explainer._occluded = self._shared(key, explainer._occluded)
         count = min(slots, per_batch * max(1, self.sample_masks // per_batch))
         padded = np.concatenate([masks, np.zeros((slots - evaluations,) + masks.shape[1:], bool)])
-        batches = [tf.constant(padded[i:i + per_batch]) for i in range(0, count, per_batch)]
-        image, target = tf.constant(self.images[:1]), tf.constant(int(self.targets[0]))
-        baseline = tf.constant(explainer.baseline, tf.float32)
-        sample = lambda: tf.concat(  # noqa: E731
-            [explainer._occluded(image, b, baseline, target) for b in batches], 0).numpy()
+        image, target = self.images[:1], self.targets[:1]
+        sample = lambda: explainer.occluded_scores(image, padded[:count], target)  # noqa: E731
         row = {"layer": explainer.layer, "grid": "x".join(str(d) for d in self.images.shape[1:]),
                "method": f"Occlusion {window} px, stride {stride}", "mode": "full",
                "batch size": self.batch_size}
         return self._sampled(
             row, started, evaluations=evaluations, slots=slots, unit="position",
             sample=sample, sample_count=min(count, evaluations), sample_slots=count,
-            warm_up=lambda: explainer._occluded(image, batches[0], baseline, target).numpy(),
+            warm_up=lambda: explainer.occluded_scores(image, padded[:per_batch], target),
             run_all=lambda: explainer(self.images), key=key,
             notes=(f"{window}x{window}-pixel patches of the input every {stride} px set to "
                    f"{explainer.baseline}; one whole-network pass per position, in batches "
@@ -670,8 +645,9 @@ class SpeedStudy:
                     self.ablation("FastAblationCAM", layer, mode, window=window)
             if others and i == 0:
                 self.other_methods(layer, occlusion, scorecam_channels)
-            # the first layer's trunk and head serve batch_sweep, which releases them
-            self.release(layer, keep=("_trunk", "_head") if i == 0 else ())
+            # the first layer's functions serve batch_sweep, which releases them
+            if i > 0:
+                self.release(layer)
             if peer:
                 self.peer(layer)
         self.settle_forward()

@@ -23,17 +23,9 @@ from ..methods import AblationCAM, FastAblationCAM, GradCAM
 
 def _warm_up(explainer, images, targets) -> None:
     """Compile the explainer's functions for this batch and layer first, so that the timed call
-    measures the explanation and not TensorFlow tracing the network (tens of seconds for
-    DenseNet-169, once per layer and shape)."""
-    if isinstance(explainer, GradCAM):
-        explainer(images, targets=targets, upsample=False, normalize=False)
-        return
-    batch = tf.constant(images)
-    activation, bypass = explainer._trunk(batch)
-    explainer._head(activation, bypass)
-    masks = explainer.masks(explainer.split.target_shape)[:explainer.batch_size]
-    explainer.ablated_scores(batch[:1], activation[:1], [b[:1] for b in bypass],
-                             int(targets[0]), masks)
+    measures the explanation and not the tracing of the network (tens of seconds for
+    DenseNet-169, once per layer and shape): one untimed call on the same batch."""
+    explainer(images, targets=targets, upsample=False, normalize=False)
 
 
 def _timed(explainer, images, targets):
@@ -137,6 +129,8 @@ def heatmaps(table: pd.DataFrame, columns, layers, save=None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from ..plot import save_figure
+
     fast = table.xs("FastAblationCAM", level="method")
     fig, axes = plt.subplots(1, len(columns), figsize=(3.3 * len(columns), 0.5 * len(layers) + 1.6))
     for ax, column in zip(np.atleast_1d(axes), columns):
@@ -150,7 +144,7 @@ def heatmaps(table: pd.DataFrame, columns, layers, save=None):
             ax.set_yticklabels([])
     fig.tight_layout()
     if save is not None:
-        fig.savefig(save, dpi=110)
+        save_figure(fig, save)
     return fig
 
 

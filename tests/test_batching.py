@@ -1,0 +1,181 @@
+"""The one batching policy and what one explain call costs, counted: compiled calls, rows per
+call, copies to the host. These counts pin the design that makes a GPU pay (few large calls,
+nothing leaving the device until the end) on the CPU, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import cam
+from cam import backend as B
+from cam import batching
+from conftest import build_dense_concat_model, build_tiny_sequential, random_images
+
+N = 32  # images per explain call, as in the issue's example
+
+
+def test_parse_bytes():
+    assert batching.parse_bytes("512M") == 512 * 2**20
+    assert batching.parse_bytes("2G") == 2 * 2**30
+    assert batching.parse_bytes("1.5k") == 1536
+    assert batching.parse_bytes("1000") == 1000
+    for bad in ("", "-1G", "lots", "0", "2T"):
+        with pytest.raises(ValueError, match="CAM_MEMORY_BUDGET must be a positive number"):
+            batching.parse_bytes(bad)
+
+
+def test_rows_per_call_divides_the_budget_and_is_bounded():
+    assert batching.rows_per_call(1000, budget=64_000) == 64
+    assert batching.rows_per_call(1000, budget=64_999) == 64
+    assert batching.rows_per_call(10**9, budget=1) == 1  # at least one row
+    assert batching.rows_per_call(1, budget=2**40) == batching.MAX_ROWS
+
+
+@pytest.mark.parametrize("total, most, expected", [
+    (100, 100, (1, 100)), (100, 1000, (1, 100)), (101, 100, (2, 51)),
+    (32 * 1664, 790, (68, 784)), (7, 1, (7, 1)), (1, 5, (1, 1))])
+def test_plan_uses_the_fewest_calls_and_spreads_the_rows(total, most, expected):
+    calls, rows = batching.plan(total, most)
+    assert (calls, rows) == expected
+    assert rows <= most and calls * rows >= total and (calls - 1) * rows < total
+
+
+def test_the_budget_comes_from_the_environment_then_the_device(monkeypatch):
+    monkeypatch.setenv("CAM_MEMORY_BUDGET", "3M")
+    assert batching.memory_budget() == 3 * 2**20
+    monkeypatch.delenv("CAM_MEMORY_BUDGET")
+    monkeypatch.setattr(B, "accelerator_free_bytes", lambda: 10 * 2**30)
+    assert batching.memory_budget() == int(10 * 2**30 * batching.ACCELERATOR_SHARE)
+    monkeypatch.setattr(B, "accelerator_free_bytes", lambda: None)
+    assert batching.memory_budget() == batching.CPU_BUDGET
+    assert B.accelerator_free_bytes.__module__  # the real one: None on this CPU machine
+
+
+def test_bytes_per_row_counts_every_tensor_a_part_writes():
+    """tiny_sequential at relu2 (5x5x6): the head is GAP (6) and Dense (3), plus its input
+    relu2 itself (150): 159 floats; the trunk writes conv1, relu1 (10x10x4 each), pool1
+    (5x5x4), conv2 and relu2 (5x5x6 each): 1200."""
+    model = build_tiny_sequential()
+    split = cam.GradCAM(model, "relu2").split
+    assert split.bytes_per_row("head") == 4 * (150 + 6 + 3)
+    assert split.bytes_per_row("trunk") == 4 * (400 + 400 + 100 + 150 + 150)
+    assert split.bytes_per_row("full") == 4 * (1200 + 6 + 3)
+    # a head-only function reads (and on JAX is passed) the Dense kernel and bias only
+    assert [id(v) for v in split.variables("head")] == \
+        [id(v) for v in model.get_layer("logits").variables]
+    assert len(split.variables("trunk")) == 4 and len(split.variables("full")) == 6
+    with pytest.raises(ValueError, match="part must be one of trunk, head, full"):
+        split.bytes_per_row("middle")
+
+
+def test_the_default_batch_follows_the_memory_budget(monkeypatch):
+    model = build_dense_concat_model()
+    probe = cam.AblationCAM(model, "relu1")
+    head, full = probe.split.bytes_per_row("head"), probe.split.bytes_per_row("full")
+    monkeypatch.setenv("CAM_MEMORY_BUDGET", str(50 * head))
+    assert cam.AblationCAM(model, "relu1").batch_size == 50
+    assert cam.FastAblationCAM(model, "relu1").batch_size == 50
+    assert cam.AblationCAM(model, "relu1", mode="full").batch_size == 50 * head // full
+    assert cam.Occlusion(model, "relu1").batch_size == max(1, 50 * head // full)
+    assert cam.AblationCAM(model, "relu1", batch_size=7).batch_size == 7  # explicit wins
+    monkeypatch.setenv("CAM_MEMORY_BUDGET", "1")
+    assert cam.AblationCAM(model, "relu1").batch_size == 1
+
+
+class Counter:
+    """Counts the copies to the host that cam makes (every one goes through cam.backend.numpy)."""
+
+    def __init__(self, monkeypatch):
+        self.copies = 0
+        real = B.numpy
+
+        def counting(value):
+            self.copies += 1
+            return real(value)
+
+        monkeypatch.setattr(B, "numpy", counting)
+
+
+def _no_implicit_transfers():
+    """On JAX, a guard that fails any implicit device-to-host transfer (np.asarray of a device
+    array, float(x), a Python branch on a tensor): cam's one copy is explicit. It bites on
+    an accelerator only (on the CPU a JAX array already lives in host memory); here the
+    copy counter is what checks."""
+    if keras.backend.backend() != "jax":
+        import contextlib
+        return contextlib.nullcontext()
+    import jax
+    return jax.transfer_guard_device_to_host("disallow")
+
+
+@pytest.mark.parametrize("method, kwargs, scorer", [
+    ("AblationCAM", {}, "_score_head"),
+    ("FastAblationCAM", {"window": 2, "stride": 1}, "_score_head"),
+    ("ReciproCAM", {"gaussian": True}, "_score_head"),
+    ("AblationCAM", {"mode": "full"}, "_score_full"),
+    ("Occlusion", {"window": 4, "stride": 3}, "_occluded"),
+    ("ScoreCAM", {}, "_masked"),
+])
+def test_one_explain_of_32_images_makes_few_calls_and_one_host_copy(method, kwargs, scorer,
+                                                                    monkeypatch):
+    """Ablation-CAM at a layer of C channels makes ceil(32 C / batch) scoring calls and one
+    host copy; every perturbation method likewise: all (image, mask) rows in equal calls."""
+    model = build_dense_concat_model()
+    batch = 20
+    explainer = getattr(cam, method)(model, "relu1", batch_size=batch, **kwargs)
+    images = random_images((10, 10, 3), N, seed=4)
+    explainer(images[:2])  # compile first: tracing may copy shapes, never data
+    counter = Counter(monkeypatch)
+    function = getattr(explainer, scorer)
+    before = function.calls
+    with _no_implicit_transfers():
+        result = explainer.explain(images)
+    per_image = explainer.evaluations_per_image if method != "Occlusion" \
+        else explainer.evaluations((10, 10))
+    assert function.calls - before == math.ceil(N * per_image / batch)
+    assert counter.copies == 1
+    assert result.raw.shape[0] == N and result.scores.shape == (N, 3)
+    if kwargs.get("mode") != "full" and method not in ("Occlusion", "ScoreCAM"):
+        oracle = getattr(cam, method)(model, "relu1", mode="full", **kwargs).explain(images)
+        np.testing.assert_allclose(result.raw, oracle.raw, rtol=1e-4,
+                                   atol=1e-4 * np.abs(oracle.raw).max())
+
+
+def test_gradient_methods_make_one_call_per_budgeted_chunk_and_one_host_copy(monkeypatch):
+    model = build_dense_concat_model()
+    explainer = cam.GradCAMPlusPlus(model, "relu1")
+    images = random_images((10, 10, 3), N, seed=5)
+    explainer(images)
+    counter = Counter(monkeypatch)
+    before, trunk = explainer._gradients.calls, explainer._trunk.calls
+    with _no_implicit_transfers():
+        explainer.explain(images)
+    assert counter.copies == 1
+    assert explainer._gradients.calls - before == 1  # 32 small images fit one call
+    assert explainer._trunk.calls - trunk == 1
+    # a budget of 5 rows of the backward pass: ceil(32 / 5) calls
+    monkeypatch.setenv("CAM_MEMORY_BUDGET", str(5 * 2 * explainer.split.bytes_per_row("head")))
+    before = explainer._gradients.calls
+    explainer.explain(images)
+    assert explainer._gradients.calls - before == math.ceil(N / 5)
+
+
+def test_masks_are_made_once_per_grid_and_kept_on_the_device(monkeypatch):
+    model = build_tiny_sequential()
+    explainer = cam.FastAblationCAM(model, "relu2", window=2)
+    made = []
+    real = type(explainer).masks
+
+    def counting(self, grid):
+        made.append(grid)
+        return real(self, grid)
+
+    monkeypatch.setattr(type(explainer), "masks", counting)
+    images = random_images((10, 10, 3), 3)
+    for _ in range(3):
+        explainer(images)
+    assert len(made) == 1
