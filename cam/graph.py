@@ -74,9 +74,11 @@ class Call:
 
 @dataclass
 class LayerGraph:
-    """A model flattened into leaf calls in topological order."""
+    """A model flattened into leaf calls in topological order. It holds the model's layers
+    but not the model itself (only its name), so that what cam keeps per model (keyed weakly
+    by the model) never keeps the model alive."""
 
-    model: keras.Model
+    model_name: str
     calls: list[Call] = field(default_factory=list)
     input_keys: list = field(default_factory=list)
     output_keys: list = field(default_factory=list)
@@ -96,7 +98,7 @@ class LayerGraph:
                 f"Input), so its layers cannot be reached: cam needs the layer graph. Build the "
                 f"model with the functional API or keras.Sequential([keras.Input(...), ...])."
             )
-        self = cls(model=model)
+        self = cls(model_name=model.name)
         self.input_specs = list(graph.inputs)
         self.input_keys = [((), id(t)) for t in graph.inputs]
         alias: dict = {}
@@ -165,7 +167,7 @@ class LayerGraph:
         if layer is None or isinstance(layer, int) and not isinstance(layer, bool):
             if not candidates:
                 raise ValueError(
-                    f"model {self.model.name!r} has no layer with a spatial (batch, h, w, "
+                    f"model {self.model_name!r} has no layer with a spatial (batch, h, w, "
                     f"channels) output with h, w > 1, so there is nothing to explain"
                 )
             if layer is None:
@@ -189,7 +191,7 @@ class LayerGraph:
         if not matches:
             names = [c[0] for c in candidates]
             close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5) or names[-5:]
-            raise ValueError(f"no layer named {layer!r} in model {self.model.name!r}; "
+            raise ValueError(f"no layer named {layer!r} in model {self.model_name!r}; "
                              f"closest candidate layers: {close}")
         name = matches[0]
         calls = self.layer_outputs[name]

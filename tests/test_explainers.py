@@ -659,3 +659,28 @@ def test_evaluations_per_image_with_unknown_grid_is_a_clear_error():
     explainer = cam.FastAblationCAM(_dynamic_size_model(), "relu")
     with pytest.raises(ValueError, match="image size|grid|unknown"):
         explainer.evaluations_per_image
+
+
+def test_cam_keeps_no_model_alive_and_release_frees_early():
+    """A model explained by every kind of method, then dropped, is garbage-collected: what cam
+    keeps per model (splits, compiled functions) is keyed weakly and holds only its layers."""
+    import gc
+    import weakref
+
+    from cam import explainers
+    from conftest import build_dense_concat_model
+
+    model = build_dense_concat_model()
+    images = np.random.default_rng(3).standard_normal((2, 10, 10, 3)).astype(np.float32)
+    for method in ("gradcam", "ablationcam", "scorecam", "occlusion"):
+        METHODS[method](model, "relu1")(images)
+    assert model in explainers._SHARED
+    assert cam.release(model, "relu0") == 0 and cam.release(model, "relu1") >= 1
+    assert model not in explainers._SHARED
+    explainer = cam.FastAblationCAM(model, "relu1")
+    explainer(images)  # still works after a release: compiles again
+    del explainer
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
