@@ -207,7 +207,7 @@ def _explain(args) -> int:
             raise FileNotFoundError(f"image file {path!r} does not exist")
     classes = args.classes.split(",") if args.classes else None
     _import_backend()
-    from .explainers import method_class
+    from .methods import method_class
 
     method = method_class(key)
     options = {"window": args.window} if args.window is not None else {}

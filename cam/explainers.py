@@ -7,7 +7,7 @@ Every explainer is called the same way::
     result = explainer.explain(images)  # an Explanation: maps, raw maps, targets, scores
 
 A method is a short class in :mod:`cam.methods` on one of two templates, registered once in
-``cam.METHODS`` (which the command line, :func:`explain` and ``cam.__all__`` read):
+``cam.METHODS`` (which the command line, :func:`cam.explain` and ``cam.__all__`` read):
 
 * :class:`GradientExplainer`: implement :meth:`~GradientExplainer.channel_weights`, which turns
   the target activation A and the gradient dy/dA into weights; the map is sum_k w_k A_k.
@@ -623,18 +623,3 @@ def _score_full(split, ablation_value, images, bypass, masks, targets, index):
     scores = split.full(ops.take(images, image, axis=0),
                         replace=lambda t: _ablate(t, mask, ablation_value))
     return B.take_targets(scores, ops.take(targets, image, axis=0))
-
-
-def explain(method: str, model, images, **kwargs) -> np.ndarray:
-    """Shortcut: ``explain("gradcam", model, images, layer=..., targets=...)``."""
-    call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize", "threshold")
-                 if k in kwargs}
-    return method_class(method)(model, **kwargs)(images, **call_args)
-
-
-def method_class(method: str) -> type:
-    """The explainer class registered in ``cam.METHODS`` under ``method`` (any spelling that
-    :func:`cam.method_key` accepts)."""
-    from . import METHODS, method_key, methods
-
-    return getattr(methods, METHODS[method_key(method)])

@@ -485,3 +485,18 @@ class ReciproCAM(AblationExplainer):
 
     def combine(self, activation, scores, ablated, masks):
         return ops.reshape(ablated, ops.shape(activation)[:3])
+
+
+def explain(method: str, model, images, **kwargs) -> np.ndarray:
+    """Shortcut: ``explain("gradcam", model, images, layer=..., targets=...)``."""
+    call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize", "threshold")
+                 if k in kwargs}
+    return method_class(method)(model, **kwargs)(images, **call_args)
+
+
+def method_class(method: str) -> type:
+    """The explainer class registered in ``cam.METHODS`` under ``method`` (any spelling that
+    :func:`cam.method_key` accepts)."""
+    from . import METHODS, method_key
+
+    return globals()[METHODS[method_key(method)]]

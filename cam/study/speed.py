@@ -55,7 +55,8 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ..explainers import GradientExplainer, method_class, release
+from ..explainers import GradientExplainer, release
+from ..methods import method_class
 from ..graph import candidate_layers
 
 #: The study's layers on DenseNet-169: the final feature map, and internal conv4 and conv3 ones.
