@@ -35,7 +35,7 @@ CORE_VENV := build/core-venv
 # The library's own tests (no study, no notebooks), run once more on each other backend.
 LIBRARY_TESTS := tests/test_explainers.py tests/test_methods.py tests/test_reciprocam.py \
   tests/test_perturbation_methods.py tests/test_tokens.py tests/test_graph.py \
-  tests/test_keras_internals.py tests/test_backends.py tests/test_batching.py tests/test_combine.py
+  tests/test_keras_internals.py tests/test_backends.py tests/test_batching.py tests/test_combine.py tests/test_targets.py tests/test_cli.py tests/test_plot.py
 
 ## Run the test suite (TensorFlow), the library's tests on JAX and PyTorch, every notebook with small parameters, and the core-install check
 # The three run side by side (each target's output printed when it ends): much of the main

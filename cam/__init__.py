@@ -52,6 +52,7 @@ _EXPORTS = {
     "method_class": "methods",
     "release": "explainers",
     "Features": "explainers",
+    "targets": None,
     "allow_tf32": "backend",
     "Quantile": "maps",
     "Split": "graph",
@@ -64,6 +65,9 @@ __version__ = "0.2.0"
 
 
 def __getattr__(name):
+    if name in _EXPORTS and _EXPORTS[name] is None:  # a submodule: cam.targets
+        importlib.import_module(".backend", __name__)
+        return importlib.import_module(f".{name}", __name__)
     if name in _EXPORTS:
         importlib.import_module(".backend", __name__)  # Keras and its backend, or a clear error
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

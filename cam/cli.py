@@ -91,8 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--layer", default=None,
                          help="layer name, or index from `python -m cam layers` "
                               "(default: the candidate nearest the output)")
-    explain.add_argument("--target", type=int, default=None,
-                         help="class index to explain (default: each image's predicted class)")
+    explain.add_argument("--target", default=None,
+                         help="what to explain (default: each image's predicted class): a class "
+                              "index (3, or class:3), label:K (multi-label), regression or "
+                              "regression:INDEX, region:K:MASK (MASK a .npy or image file, "
+                              "nonzero pixels), or output:NAME_OR_INDEX:<one of those> for a "
+                              "multi-output model")
     explain.add_argument("--score", default="logit", choices=("logit", "probability"),
                          help="explain the logit (default) or the softmax probability")
     explain.add_argument("--window", type=int, default=None,
@@ -227,7 +231,8 @@ def _explain(args) -> int:
     layer = int(args.layer) if args.layer is not None and args.layer.lstrip("-").isdigit() \
         else args.layer
     explainer = method(model, layer, score=args.score, **options)
-    result = explainer.explain(images.astype(np.float32), targets=args.target, upsample=False,
+    target = parse_target(args.target) if args.target is not None else None
+    result = explainer.explain(images.astype(np.float32), targets=target, upsample=False,
                                normalize=False)
     raw = result.raw
     maps = M.upsample_maps(M.normalize_maps(raw, threshold), (height, width))
@@ -240,16 +245,57 @@ def _explain(args) -> int:
 
     for i, path in enumerate(args.images):
         stem = stems[i] if stems.count(stems[i]) == 1 else f"{stems[i]}-{i}"
-        target, predicted = int(result.targets[i]), int(result.predicted[i])
         _save_overlay(out / f"{stem}-{key}.png", images[i], maps[i], args.alpha,
                       1e-6 if threshold != 0 else 0.0)
         np.save(out / f"{stem}-{key}.npy", raw[i])
-        score = result.scores[i, predicted]
-        print(f"{path}: predicted class {named(predicted)} ({args.score} "
-              f"{score:.3g}); explained class {named(target)} with {explainer.name} at layer "
-              f"{explainer.layer!r} on a {raw.shape[1]}x{raw.shape[2]} grid")
+        if result.targets is not None and np.ndim(result.scores) == 2:
+            explained, predicted = int(result.targets[i]), int(result.predicted[i])
+            what = (f"predicted class {named(predicted)} ({args.score} "
+                    f"{result.scores[i, predicted]:.3g}); explained class {named(explained)}")
+        else:
+            what = f"explained {result.target!r} ({result.target_scores[i]:.4g})"
+        print(f"{path}: {what} with {explainer.name} at layer {explainer.layer!r} on a "
+              f"{raw.shape[1]}x{raw.shape[2]} grid")
     print(f"wrote {len(args.images)} overlays (.png) and raw maps (.npy) to {out}")
     return 0
+
+
+def parse_target(text: str):
+    """``--target`` as a :mod:`cam.targets` target (see ``--help``)."""
+    from . import targets as T
+
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if kind.lstrip("-").isdigit() and not rest:
+        return T.Class(int(kind))
+    try:
+        if kind in ("class", "label"):
+            return (T.Class if kind == "class" else T.MultiLabel)(int(rest))
+        if kind == "regression":
+            return T.Regression(int(rest) if rest else None)
+        if kind == "region":
+            k, _, path = rest.partition(":")
+            return T.Region(int(k), _read_mask(path))
+        if kind == "output":
+            which, _, inner = rest.partition(":")
+            which = int(which) if which.isdigit() else which
+            return T.Output(which, parse_target(inner))
+    except ValueError as error:
+        raise ValueError(f"--target {text!r}: {error}") from None
+    raise ValueError(f"--target {text!r} is not a target: use K, class:K, label:K, regression, "
+                     f"regression:INDEX, region:K:MASK or output:NAME_OR_INDEX:TARGET")
+
+
+def _read_mask(path: str):
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise ValueError(f"mask file {path!r} does not exist")
+    if path.endswith(".npy"):
+        return np.load(path) != 0
+    import cv2
+
+    return cv2.imread(path, cv2.IMREAD_GRAYSCALE) != 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from . import backend as B
 from . import batching
 from . import combine as C
 from . import maps as M
+from . import targets as T
 from .graph import Split
 
 MODES = ("head", "full")
@@ -131,8 +132,6 @@ class Explainer:
         self._trunk = self.shared_compiled("trunk", lambda: self.split.trunk, part="trunk")
         self._head = self.shared_compiled("head", lambda: self.split.head, part="head")
         self._full = self.shared_compiled("full", lambda: self.split.full)
-        self.last_targets: np.ndarray | None = None
-        self.last_scores: np.ndarray | None = None
 
     def compiled(self, fn, part: str = "full") -> B.Compiled:
         """``fn`` compiled for the backend, reading the variables of ``part`` of the model
@@ -182,26 +181,6 @@ class Explainer:
             raise ValueError("images is an empty batch")
         return array.astype(np.float32, copy=False)
 
-    def _check_targets(self, targets, count: int) -> np.ndarray | None:
-        """None (each image's predicted class, chosen on the device) or (count,) int64."""
-        num_classes = self.split.num_classes
-        if targets is None:
-            return None
-        if isinstance(targets, np.ndarray) and targets.ndim == 0:
-            targets = targets.item()
-        array = np.asarray(targets)
-        if array.ndim == 0 and not isinstance(targets, (bool, np.bool_)):
-            array = np.full(count, array)
-        if array.shape != (count,) or not np.issubdtype(array.dtype, np.integer):
-            got = f"{len(array)} values" if array.ndim == 1 else f"{targets!r}"
-            raise ValueError(f"targets must be None, an int, or {count} ints (one per image); "
-                             f"got {got}")
-        bad = array[(array < 0) | (array >= num_classes)] if num_classes else array[array < 0]
-        if bad.size:
-            raise ValueError(f"target {int(bad[0])} is out of range: the model has "
-                             f"{num_classes} classes, valid targets are 0..{num_classes - 1}")
-        return array.astype(np.int64)
-
     def _check_logits(self, scores: np.ndarray) -> None:
         """Refuse to call probabilities logits: if the softmax is hidden where cam cannot see
         it (a subclassed head, a custom op), score='logit' would silently explain probabilities."""
@@ -224,8 +203,11 @@ class Explainer:
         ----------
         images : array (B, H, W, C)
             Already preprocessed the way the model expects; C = 1 for a grayscale model.
-        targets : None, int or sequence of B ints
-            Class to explain per image; None explains each image's predicted class.
+        targets : None, int, sequence of B ints, a cam.targets target or a callable
+            What to explain per image: None, each image's predicted class; an int or B ints,
+            a class; a :mod:`cam.targets` target (``Class``, ``MultiLabel``, ``Regression``,
+            ``Region``, ``Output``), a list of B of them of one kind, or a callable
+            ``score(outputs) -> (N,)`` in ``keras.ops`` on the model's batched outputs.
         upsample : bool
             True returns (B, H, W) maps resized bilinearly with pixel-centre alignment
             (OpenCV's half-pixel convention: each cell's value sits at the centre of the image
@@ -261,23 +243,33 @@ class Explainer:
                 explainer.explain(images, features=features)
         """
         images = self._check_images(images)
-        targets = self._check_targets(targets, len(images))
+        target = T.resolve(targets, len(images), self.split)
         if features is None:
             features = self.features(images)
         else:
             self._check_features(features, images)
-        x, activation, bypass, scores = (features.images, features.activation,
-                                         list(features.bypass), features.scores)
-        chosen = ops.argmax(scores, axis=1) if targets is None else B.tensor(targets, "int32")
-        raw = self.raw_maps(x, activation, bypass, chosen, B.take_targets(scores, chosen))
+        x, activation, bypass, outputs = (features.images, features.activation,
+                                          list(features.bypass), features.scores)
+        if isinstance(target, T.Predicted):
+            params = {"k": ops.cast(ops.argmax(outputs, axis=1), "int32")}
+        else:
+            params = keras.tree.map_structure(B.tensor, target.params(len(images)))
+        scores = target.score(outputs, params)
+        raw = self.raw_maps(x, activation, bypass, target, params, scores)
         # Everything stays on the device until here: one copy to the host per call.
-        raw, scores, chosen = B.to_host(raw, scores, ops.cast(chosen, "int32"))
-        self._check_logits(scores)
+        flat_outputs = keras.tree.flatten(outputs)
+        classes = params["k"] if isinstance(target, T.Class) else ops.zeros((0,), "int32")
+        raw, scores, classes, *flat_outputs = B.to_host(raw, scores, classes, *flat_outputs)
+        outputs = keras.tree.pack_sequence_as(features.scores, flat_outputs)
+        if self.split.num_classes is not None:
+            self._check_logits(outputs)
         raw = raw.astype(np.float32, copy=False)
         out = M.normalize_maps(raw, threshold) if normalize else raw
         maps = M.upsample_maps(out, images.shape[1:3]) if upsample else out
-        return Explanation(maps=maps, raw=raw, targets=chosen, scores=scores, method=self.name,
-                           layer=self.layer)
+        return Explanation(maps=maps, raw=raw,
+                           targets=classes if isinstance(target, T.Class) else None,
+                           scores=outputs, method=self.name, layer=self.layer,
+                           target=target, target_scores=scores)
 
     def features(self, images) -> "Features":
         """The trunk pass of a batch of images, kept on the device: what :meth:`explain` starts
@@ -312,11 +304,12 @@ class Explainer:
             scores = _chunked(lambda a, *b: self._head(a, list(b)), rows, activation, *bypass)
         return activation, list(bypass), scores
 
-    def raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, target, params, scores):
         """The method: (B, h, w) raw maps for a batch, given the ``images``, the trunk's target
-        ``activation`` (B, h, w, C) and ``bypass`` tensors, the ``targets`` (B,) and their
-        scores (B,), all backend tensors on the device; returns a tensor there. The templates
-        below implement it; a new kind of method overrides it."""
+        ``activation`` (B, h, w, C) and ``bypass`` tensors, the ``target``
+        (:class:`cam.targets.Target`) with its per-image ``params`` and the target's scores
+        (B,), all backend tensors on the device; returns a tensor there. The templates below
+        implement it; a new kind of method overrides it."""
         raise NotImplementedError
 
 
@@ -343,8 +336,11 @@ class Explanation:
     """What one :meth:`Explainer.explain` call computed.
 
     ``maps``: as requested (normalised and/or upsampled); ``raw``: (B, h, w) before ReLU and
-    normalisation, on the layer's grid; ``targets``: (B,) the class explained per image;
-    ``scores``: (B, classes) the model's scores (logits or probabilities, per ``score``).
+    normalisation, on the layer's grid; ``targets``: (B,) the class explained per image
+    (None for a target that is not a class); ``scores``: the model's outputs, (B, classes) for
+    a classifier (logits or probabilities, per ``score``), a list for a multi-output model;
+    ``target``: what was explained (:mod:`cam.targets`) and ``target_scores`` (B,) its value
+    per image.
     """
 
     maps: np.ndarray
@@ -353,6 +349,8 @@ class Explanation:
     scores: np.ndarray
     method: str
     layer: str
+    target: object = None
+    target_scores: np.ndarray | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -371,11 +369,16 @@ class GradientExplainer(Explainer):
         super().__init__(model, layer, score, mode, reshape)
         # shared by every gradient method on this model, layer and mode: they differ only in
         # what they make of the gradient
-        split = self.split
-        self._gradients = self.shared_compiled(
-            ("gradients", mode), lambda: (lambda *a: _head_scores(split, *a)) if mode == "head"
-            else (lambda *a: _full_scores(split, *a)), gradient=True,
-            part="head" if mode == "head" else "full")
+        self._gradients = self.gradient_function(T.Class(0))
+
+    def gradient_function(self, target) -> B.Compiled:
+        """The compiled gradient of ``target``'s scores, shared by every gradient method on
+        this model, layer and mode (they differ only in what they make of the gradient)."""
+        split, mode = self.split, self.mode
+        score = _head_scores if mode == "head" else _full_scores
+        return self.shared_compiled(
+            ("gradients", mode, target.key), lambda: lambda *a: score(split, target, *a),
+            gradient=True, part="head" if mode == "head" else "full")
 
     def channel_weights(self, activation, gradients):
         """The hook: weights from the target activation A (B, h, w, C) and the gradient of
@@ -384,25 +387,29 @@ class GradientExplainer(Explainer):
         weights, or (B, h, w, C) for a weight per cell and channel."""
         raise NotImplementedError
 
-    def raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, target, params, scores):
         # a backward pass keeps the forward's tensors: twice the bytes of a forward row
         rows = min(self.rows_per_call("head" if self.mode == "head" else "full", factor=2),
                    ops.shape(activation)[0])
+        gradients = self.gradient_function(target)
+        names = sorted(params)
 
-        def one_call(activation, images, targets, *bypass):
+        def one_call(activation, images, *rest):
+            bypass, values = rest[:len(rest) - len(names)], rest[len(rest) - len(names):]
             start = activation if self.mode == "head" else ops.zeros_like(activation)
-            watched, grads = self._gradients(start, list(bypass), images, targets)
+            watched, grads = gradients(start, list(bypass), images, dict(zip(names, values)))
             return C.weighted_channel_sum(watched, self.channel_weights(watched, grads))
 
-        return _chunked(one_call, rows, activation, images, targets, *bypass)
+        return _chunked(one_call, rows, activation, images, *bypass,
+                        *(params[n] for n in names))
 
 
-def _head_scores(split, activation, bypass, images, targets):
+def _head_scores(split, target, activation, bypass, images, params):
     # the gradient is taken with respect to the first argument, the target activation
-    return B.take_targets(split.head(activation, bypass), targets), activation
+    return target.score(split.head(activation, bypass), params), activation
 
 
-def _full_scores(split, delta, bypass, images, targets):
+def _full_scores(split, target, delta, bypass, images, params):
     # the whole network, with a zero ``delta`` added to the target activation: the gradient
     # with respect to it is the gradient with respect to the activation
     seen = []
@@ -411,8 +418,12 @@ def _full_scores(split, delta, bypass, images, targets):
         seen.append(t)
         return t + delta
 
-    scores = split.full(images, replace=add)
-    return B.take_targets(scores, targets), seen[0]
+    return target.score(split.full(images, replace=add), params), seen[0]
+
+
+def per_row(params, image):
+    """Each row's image's parameters: ``params`` gathered by the rows' image numbers."""
+    return keras.tree.map_structure(lambda p: ops.take(p, image, axis=0), params)
 
 
 def check_batch_size(batch_size) -> int | None:
@@ -478,13 +489,21 @@ class AblationExplainer(Explainer):
         #: Rows (ablated copies) per compiled call at most.
         self.batch_size = batch_size or self.rows_per_call(mode)
         self._device_masks: dict = {}
-        # shared by every ablation method on this model and layer with this ablation value
-        split, value = self.split, self.ablation_value
-        self._score_head = self.shared_compiled(
-            ("score_head", value), lambda: lambda *a: _score_head(split, value, *a),
-            fuse=self.fuse, part="head")
-        self._score_full = self.shared_compiled(
-            ("score_full", value), lambda: lambda *a: _score_full(split, value, *a))
+        self._score_head = self.scoring_function(T.Class(0), "head")
+        self._score_full = self.scoring_function(T.Class(0), "full")
+
+    def scoring_function(self, target, mode: str | None = None) -> B.Compiled:
+        """The compiled scoring of ablated rows for ``target``'s kind, through the head or the
+        whole network; shared by every ablation method on this model and layer with this
+        ablation value."""
+        split, value, mode = self.split, self.ablation_value, mode or self.mode
+        if mode == "head":
+            return self.shared_compiled(
+                ("score_head", value, target.key),
+                lambda: lambda *a: _score_head(split, value, target, *a), fuse=self.fuse,
+                part="head")
+        return self.shared_compiled(("score_full", value, target.key),
+                                    lambda: lambda *a: _score_full(split, value, target, *a))
 
     def masks(self, grid_shape: tuple) -> np.ndarray:
         """The hook: masks (N, h|1, w|1, C|1), one per ablation, broadcastable against the
@@ -548,9 +567,6 @@ class AblationExplainer(Explainer):
         padded = np.concatenate([masks, np.zeros((pad,) + masks.shape[1:], masks.dtype)])
         return [B.tensor(padded[i:i + size]) for i in range(0, len(padded), size)]
 
-    def _scorer(self):
-        return self._score_head if self.mode == "head" else self._score_full
-
     def ablated_scores(self, image, activation, bypass, target: int, masks) -> np.ndarray:
         """Class score with each mask applied, for one image: (len(masks),), on the host.
 
@@ -561,10 +577,11 @@ class AblationExplainer(Explainer):
             count, masks = len(masks), self.mask_batches(masks)
         else:
             count = None
-        targets = B.tensor([int(target)], "int32")
+        params = {"k": B.tensor([int(target)], "int32")}
         source = activation if self.mode == "head" else image
-        out = [score_rows(self._scorer(), 1, ops.shape(batch)[0], ops.shape(batch)[0], source,
-                          list(bypass), batch, targets)[0] for batch in masks]
+        scorer = self._score_head if self.mode == "head" else self._score_full
+        out = [score_rows(scorer, 1, ops.shape(batch)[0], ops.shape(batch)[0], source,
+                          list(bypass), batch, params)[0] for batch in masks]
         scores = B.concat_numpy(out)  # one device-to-host copy
         return scores if count is None else scores[:count]
 
@@ -573,12 +590,12 @@ class AblationExplainer(Explainer):
         ``batch_size`` rows when an image has fewer masks than that, else 1."""
         return max(1, self.batch_size // masks)
 
-    def raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, target, params, scores):
         masks, device = self.device_masks(ops.shape(activation)[1:])
         count = ops.shape(activation)[0]
         source = activation if self.mode == "head" else images
-        ablated = score_rows(self._scorer(), count, len(masks), self.batch_size, source,
-                             list(bypass), device, targets, desc=self.name)
+        ablated = score_rows(self.scoring_function(target), count, len(masks), self.batch_size,
+                             source, list(bypass), device, params, desc=self.name)
         return self.combine(activation, scores, ablated, device)
 
 
@@ -595,15 +612,15 @@ def _rows(index, masks: int, count):
     return ops.minimum(index // masks, count - 1), index % masks
 
 
-def _score_head(split, ablation_value, activation, bypass, masks, targets, index):
-    # activation (k, h, w, C) and bypass (k, ...) of k images, masks (N, ...), targets (k,);
-    # index (R,): the rows of this call. Each row is one image's activation with one mask
-    # applied, through the head: (R,) class scores.
+def _score_head(split, ablation_value, target, activation, bypass, masks, params, index):
+    # activation (k, h, w, C) and bypass (k, ...) of k images, masks (N, ...), the target's
+    # per-image params; index (R,): the rows of this call. Each row is one image's activation
+    # with one mask applied, through the head: (R,) target scores.
     image, mask = _rows(index, ops.shape(masks)[0], ops.shape(activation)[0])
     rows = _ablate(ops.take(activation, image, axis=0), ops.take(masks, mask, axis=0),
                    ablation_value)
-    scores = split.head(rows, [ops.take(b, image, axis=0) for b in bypass])
-    return B.take_targets(scores, ops.take(targets, image, axis=0))
+    outputs = split.head(rows, [ops.take(b, image, axis=0) for b in bypass])
+    return target.score(outputs, per_row(params, image))
 
 
 def _ablate(activation, mask, ablation_value):
@@ -616,10 +633,10 @@ def _ablate(activation, mask, ablation_value):
     return activation * (1 - mask) + value * mask
 
 
-def _score_full(split, ablation_value, images, bypass, masks, targets, index):
+def _score_full(split, ablation_value, target, images, bypass, masks, params, index):
     # the same rows through the whole network: images (k, H, W, C); bypass unused
     image, mask = _rows(index, ops.shape(masks)[0], ops.shape(images)[0])
     mask = ops.take(masks, mask, axis=0)
-    scores = split.full(ops.take(images, image, axis=0),
-                        replace=lambda t: _ablate(t, mask, ablation_value))
-    return B.take_targets(scores, ops.take(targets, image, axis=0))
+    outputs = split.full(ops.take(images, image, axis=0),
+                         replace=lambda t: _ablate(t, mask, ablation_value))
+    return target.score(outputs, per_row(params, image))

@@ -366,35 +366,24 @@ class Split:
         if len(graph.input_keys) != 1:
             raise ValueError(f"model {model.name!r} has {len(graph.input_keys)} inputs; cam "
                              f"explains single-input image models")
-        if len(graph.output_keys) != 1:
-            raise ValueError(f"model {model.name!r} has {len(graph.output_keys)} outputs; "
-                             f"explain a single-output model (wrap it: keras.Model(x, out[i]))")
         self.layer, self.target = graph.resolve(layer)
         self.score = score
-        output = graph.output_keys[0]
-        producers = {k: c for c in graph.calls for k in c.out_keys}
-        last = producers.get(output)
-        while last is not None and _is_passthrough(last) and len(last.arg_keys) == 1:
-            last = producers.get(last.arg_keys[0])  # look through trailing linear layers
-        self.output_activation = output_activation(last) if last is not None else None
         self._overrides: dict[int, Any] = {}
-        if score == "probability" and self.output_activation is None:
-            raise ValueError(
-                "score='probability' needs a model whose last layer applies softmax or sigmoid; "
-                "this model outputs raw scores, so use score='logit'"
-            )
-        if score == "logit" and self.output_activation is not None:
-            op = last.operation
-            if not hasattr(op, "activation") or isinstance(op, keras.layers.Activation):
-                output = last.arg_keys[0]  # the logits are the activation's input
-            else:
-                self._overrides[id(last)] = _PreActivation(op)
-        self.output = output
-        out_shape = tuple(graph.specs[output].shape)
-        if len(out_shape) != 2:
-            raise ValueError(f"model {model.name!r} outputs shape {out_shape}; cam explains "
-                             f"classifiers whose output is (batch, classes)")
-        self.num_classes = out_shape[-1]
+        #: the key of each model output as cam scores it (logits: the final softmax or sigmoid
+        #: removed, per ``score``), its final activation if any, and its shape
+        self.outputs, self.output_activations = [], []
+        for key in graph.output_keys:
+            output, activation = self._scored_output(key, score, model, single=len(
+                graph.output_keys) == 1)
+            self.outputs.append(output)
+            self.output_activations.append(activation)
+        self.output_activation = self.output_activations[0]
+        self.output_shapes = [tuple(graph.specs[k].shape) for k in self.outputs]
+        #: output names for :class:`cam.targets.Output`: the producing layers' names
+        self.output_names = [n.split("/")[-1] for n in _output_names(graph)]
+        #: classes of a single (batch, classes) output; None for other outputs
+        shape = self.output_shapes[0]
+        self.num_classes = shape[-1] if len(self.outputs) == 1 and len(shape) == 2 else None
 
         depends = {self.target}
         self.head_calls = []
@@ -402,12 +391,14 @@ class Split:
             if any(k in depends for k in call.arg_keys):
                 self.head_calls.append(call)
                 depends.update(call.out_keys)
-        if output not in depends:
+        if not any(output in depends for output in self.outputs):
             raise ValueError(f"the model output does not depend on layer {self.layer!r}")
-        # Calls after the output that the output does not need (none in practice) are dropped.
-        self.head_calls = needed_calls(self.head_calls, {output})
+        # Calls after the outputs that the outputs do not need (none in practice) are dropped.
+        self.head_calls = needed_calls(self.head_calls, set(self.outputs))
+        # what the head reads but the target does not reach (and any output it does not reach)
         self.bypass = list(dict.fromkeys(
-            k for c in self.head_calls for k in c.arg_keys if k not in depends))
+            [k for c in self.head_calls for k in c.arg_keys if k not in depends]
+            + [k for k in self.outputs if k not in depends]))
         trunk_ids = {id(c) for c in self.head_calls}
         self.trunk_calls = needed_calls([c for c in graph.calls if id(c) not in trunk_ids],
                                    {self.target, *self.bypass})
@@ -423,6 +414,29 @@ class Split:
         #: The target's grid (h, w, C) that explainers see (for token layers, after reshaping).
         self.target_shape = shape
         self.bypass_shapes = [tuple(graph.specs[k].shape[1:]) for k in self.bypass]
+
+    def _scored_output(self, output, score, model, single: bool):
+        """(key of the output as scored, its final activation or None) for one model output:
+        with score='logit' a final softmax or sigmoid is looked through (trailing linear
+        layers too) and removed."""
+        graph = self.graph
+        producers = {k: c for c in graph.calls for k in c.out_keys}
+        last = producers.get(output)
+        while last is not None and _is_passthrough(last) and len(last.arg_keys) == 1:
+            last = producers.get(last.arg_keys[0])  # look through trailing linear layers
+        activation = output_activation(last) if last is not None else None
+        if score == "probability" and activation is None and single:
+            raise ValueError(
+                "score='probability' needs a model whose last layer applies softmax or sigmoid; "
+                "this model outputs raw scores, so use score='logit'"
+            )
+        if score == "logit" and activation is not None:
+            op = last.operation
+            if not hasattr(op, "activation") or isinstance(op, keras.layers.Activation):
+                output = last.arg_keys[0]  # the logits are the activation's input
+            else:
+                self._overrides[id(last)] = _PreActivation(op)
+        return output, activation
 
     def part_calls(self, part: str) -> list[Call]:
         """The calls of ``part``: ``"trunk"`` (input to the target and the bypass tensors),
@@ -475,7 +489,14 @@ class Split:
         values = {self.target: activation, **dict(zip(self.bypass, bypass))}
         for call in self.head_calls:
             call.run(values, self._overrides.get(id(call)))
-        return _as_float32(values[self.output])
+        return self._collect(values)
+
+    def _collect(self, values):
+        """The model's outputs as scored: one tensor, or a list for a multi-output model (an
+        output the target layer does not reach is still computed, in the head from the
+        bypass tensors)."""
+        outputs = [_as_float32(values[k]) for k in self.outputs]
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def full(self, images, replace=None) -> Any:
         """The whole network, every layer in order, with the target activation T replaced by
@@ -494,7 +515,17 @@ class Split:
                 else:
                     grid, carried = self.tokens.to_grid(values[self.target])
                     values[self.target] = self.tokens.from_grid(replace(grid), carried)
-        return _as_float32(values[self.output])
+        return self._collect(values)
+
+
+def _output_names(graph: "LayerGraph") -> list[str]:
+    """The name of the layer that produces each model output, in output order."""
+    names = {}
+    for name, calls in graph.layer_outputs.items():
+        for keys in calls:
+            for key in keys:
+                names.setdefault(key, name)
+    return [names.get(k, f"output_{i}") for i, k in enumerate(graph.output_keys)]
 
 
 def _as_float32(scores):

@@ -14,8 +14,9 @@ from keras import ops
 from . import backend as B
 from . import combine as C
 from . import maps as M
-from .explainers import (AblationExplainer, Explainer, GradientExplainer, check_batch_size,
-                         score_rows)
+from . import targets as T
+from .explainers import (AblationExplainer, Explainer, GradientExplainer,
+                         check_batch_size, per_row, score_rows)
 from .graph import LayerGraph, Split
 
 
@@ -219,9 +220,7 @@ class Occlusion(Explainer):
         size = tuple(self.split.graph.input_specs[0].shape[1:3])
         if None not in size:
             self.geometry(size)  # a window that cannot fit the model's input fails here
-        split = self.split  # every Occlusion on the model shares one compiled scoring
-        self._occluded = self.shared_compiled("occluded",
-                                              lambda: lambda *a: _occluded_scores(split, *a))
+        self._occluded = self.occluding_function(T.Class(0))
 
     @staticmethod
     def _check_baseline(baseline, channels):
@@ -276,6 +275,13 @@ class Occlusion(Explainer):
         window, stride = self.geometry(size)
         return len(M.window_starts(h, window, stride)) * len(M.window_starts(w, window, stride))
 
+    def occluding_function(self, target) -> B.Compiled:
+        """The compiled scoring of occluded images for ``target``'s kind, shared by every
+        Occlusion on the model."""
+        split = self.split
+        return self.shared_compiled(("occluded", target.key),
+                                    lambda: lambda *a: _occluded_scores(split, target, *a))
+
     def device_masks(self, size: tuple[int, int]):
         """The :meth:`masks` for images of ``size`` on the device, made once per size."""
         size = tuple(int(d) for d in size)
@@ -297,24 +303,24 @@ class Occlusion(Explainer):
         return B.numpy(score_rows(self._occluded, len(images), ops.shape(masks)[0],
                                   self.batch_size, B.tensor(images), masks,
                                   self._baseline(images),
-                                  B.tensor(np.asarray(targets), "int32")))
+                                  {"k": B.tensor(np.asarray(targets), "int32")}))
 
-    def raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, target, params, scores):
         masks = self.device_masks(ops.shape(images)[1:3])
-        occluded = score_rows(self._occluded, ops.shape(images)[0], ops.shape(masks)[0],
-                              self.batch_size, images, masks, self._baseline(images), targets,
-                              desc=self.name)
+        occluded = score_rows(self.occluding_function(target), ops.shape(images)[0],
+                              ops.shape(masks)[0], self.batch_size, images, masks,
+                              self._baseline(images), params, desc=self.name)
         return C.spread_window_drops(ops.expand_dims(scores, 1) - occluded, masks)
 
 
-def _occluded_scores(split, images, masks, baseline, targets, index):
+def _occluded_scores(split, target, images, masks, baseline, params, index):
     # images (k, H, W, C); masks (N, H, W) bool; baseline () or (C,); index (R,) rows of the
     # (image, mask) list: the class score of each occluded image, (R,)
     count, n = ops.shape(images)[0], ops.shape(masks)[0]
     image, mask = ops.minimum(index // n, count - 1), index % n
     occluded = ops.where(ops.take(masks, mask, axis=0)[..., None],
                          ops.cast(baseline, images.dtype), ops.take(images, image, axis=0))
-    return B.take_targets(split.full(occluded), ops.take(targets, image, axis=0))
+    return target.score(split.full(occluded), per_row(params, image))
 
 
 class ScoreCAM(Explainer):
@@ -363,8 +369,7 @@ class ScoreCAM(Explainer):
                              f"{total} (layer {self.layer!r} has {total} channels), "
                              f"got {channels!r}")
         self.channels = None if channels is None else int(channels)
-        split = self.split
-        self._masked = self.shared_compiled("masked", lambda: lambda *a: _masked_scores(split, *a))
+        self._masked = self.masking_function(T.Class(0))
         self._resize: dict = {}
 
     @property
@@ -391,6 +396,13 @@ class ScoreCAM(Explainer):
         variance = ops.var(ops.reshape(activation, (count, -1, total)), axis=1)
         return ops.cast(ops.top_k(variance, self.channels, sorted=True)[1], "int32")
 
+    def masking_function(self, target) -> B.Compiled:
+        """The compiled scoring of masked images for ``target``'s kind, shared by every
+        Score-CAM on the model and layer."""
+        split = self.split
+        return self.shared_compiled(("masked", target.key),
+                                    lambda: lambda *a: _masked_scores(split, target, *a))
+
     def resize_matrices(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple:
         """(H x h, W x w) matrices that upsample an (h, w) map to (H, W) as R_h A R_w^T, on the
         device: exactly :func:`cam.maps.upsample_maps` (bilinear, pixel-centre aligned), which
@@ -404,7 +416,7 @@ class ScoreCAM(Explainer):
             self._resize[key] = tuple(matrices)
         return self._resize[key]
 
-    def raw_maps(self, images, activation, bypass, targets, scores):
+    def raw_maps(self, images, activation, bypass, target, params, scores):
         count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
         chosen = self.selected_channels(activation)
         used = ops.shape(chosen)[1]
@@ -412,14 +424,14 @@ class ScoreCAM(Explainer):
         channels = ops.reshape(ops.transpose(activation, (0, 3, 1, 2)),
                                (count * total, *ops.shape(activation)[1:3]))
         flat = ops.reshape(chosen + ops.arange(count, dtype="int32")[:, None] * total, (-1,))
-        masked = score_rows(self._masked, count, used, self.batch_size, images, channels, flat,
-                            rows_h, rows_w, targets, desc=self.name)
+        masked = score_rows(self.masking_function(target), count, used, self.batch_size, images,
+                            channels, flat, rows_h, rows_w, params, desc=self.name)
         weights = ops.einsum("bk,bkc->bc", C.scorecam_weights(masked),
                              ops.one_hot(chosen, total, dtype="float32"))
         return C.weighted_channel_sum(activation, weights)
 
 
-def _masked_scores(split, images, channels, flat, rows_h, rows_w, targets, index):
+def _masked_scores(split, target, images, channels, flat, rows_h, rows_w, params, index):
     # images (k, H, W, C); channels (k * C', h, w) every image's channels; flat (k * used,)
     # the channel of each (image, mask) row; index (R,) this call's rows: the class score of
     # each image times its channel's upsampled, min-max normalised map, (R,)
@@ -436,7 +448,7 @@ def _masked_scores(split, images, channels, flat, rows_h, rows_w, targets, index
         ops.min(flat_grid, axis=1) == ops.max(flat_grid, axis=1), (-1, 1, 1)))
     mask = ops.where(constant, 0.0, (up - low) / ops.where(constant, 1.0, high - low))
     masked = ops.take(images, image, axis=0) * mask[..., None]
-    return B.take_targets(split.full(masked), ops.take(targets, image, axis=0))
+    return target.score(split.full(masked), per_row(params, image))
 
 
 class ReciproCAM(AblationExplainer):

@@ -108,3 +108,25 @@ def test_a_model_with_custom_layers_needs_its_module_imported(files):
     result = run("layers", files / "vit.keras")
     assert result.returncode == 2
     assert "cannot load" in result.stderr and "ClassToken" in result.stderr
+
+
+def test_parse_target_takes_the_built_ins(tmp_path):
+    from cam import cli
+    from cam import targets as T
+
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True
+    np.save(tmp_path / "m.npy", mask)
+    assert cli.parse_target("3").k.tolist() == 3 and type(cli.parse_target("3")) is T.Class
+    assert type(cli.parse_target("label:2")) is T.MultiLabel
+    assert cli.parse_target("regression").index is None
+    assert cli.parse_target("regression:1").index == 1
+    region = cli.parse_target(f"region:1:{tmp_path / 'm.npy'}")
+    assert region.k == 1 and region.mask.sum() == 4
+    output = cli.parse_target("output:age:regression")
+    assert output.which == "age" and isinstance(output.target, T.Regression)
+    assert cli.parse_target("output:0:class:2").which == 0
+    for bad, phrase in (("cat", "is not a target"), ("class:x", "--target 'class:x'"),
+                        ("region:1:nope.npy", "does not exist")):
+        with pytest.raises(ValueError, match=phrase):
+            cli.parse_target(bad)
