@@ -73,3 +73,20 @@ def test_synthetic_masks_are_read_back_exactly(tmp_path):
         segment.synthetic_masks(tmp_path, table["file"], 48, kind="body")
     with pytest.raises(FileNotFoundError, match="no grain mask for x/missing.png"):
         segment.synthetic_masks(tmp_path, ["x/missing.png"], 48)
+
+
+def test_mask_iou_by_hand():
+    a = np.zeros((2, 4, 4), bool)
+    b = np.zeros((2, 4, 4), bool)
+    a[0, :2], b[0, 1:3] = True, True  # 8 and 8 pixels, 4 shared: 4 / 12
+    np.testing.assert_allclose(segment.mask_iou(a, b), [4 / 12, 1.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        segment.mask_iou(a, b[:1])
+
+
+def test_grain_segmenter_shapes_and_layer():
+    import cam
+
+    model = segment.build_grain_segmenter(image_size=32, width=4)
+    assert model.output_shape == (None, 32, 32, 2)
+    assert cam.GradCAM(model, "encoder").split.target_shape == (8, 8, 8)

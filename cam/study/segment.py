@@ -140,3 +140,57 @@ def outlined(images, masks, color=(255, 0, 0), thickness: int | None = None) -> 
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(image, contours, -1, color, thickness)
     return out
+
+
+# --------------------------------------------------------------------------- a segmenter
+# Appendix A02 explains a segmentation model with cam.targets.Region: a small encoder-decoder
+# that labels each pixel of a synthetic image background (0) or grain (1), trained on the
+# exact masks the synthetic images come with.
+
+
+def build_grain_segmenter(image_size: int = 64, width: int = 16):
+    """Encoder (two convolution blocks, each halving the grid) and decoder (two upsampling
+    blocks) to (B, H, W, 2) per-pixel softmax scores: background, grain. Takes raw [0, 255]
+    RGB pixels. The encoder's last activation is ``"encoder"`` (H/4 x W/4), the layer the
+    appendix explains; the decoder's first block reads it and a skip from ``"block1"``."""
+    import keras
+    from keras import layers as L
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = L.Rescaling(1 / 255, name="rescale")(inputs)
+    x = L.Conv2D(width, 3, padding="same", activation="relu", name="conv1")(x)
+    block1 = L.MaxPooling2D(2, name="block1")(x)
+    x = L.Conv2D(2 * width, 3, padding="same", activation="relu", name="conv2")(block1)
+    x = L.MaxPooling2D(2, name="pool2")(x)
+    encoder = L.Conv2D(2 * width, 3, padding="same", activation="relu", name="encoder")(x)
+    x = L.UpSampling2D(2, interpolation="bilinear", name="up1")(encoder)
+    x = L.Concatenate(name="skip")([x, block1])
+    x = L.Conv2D(width, 3, padding="same", activation="relu", name="decoder")(x)
+    x = L.UpSampling2D(2, interpolation="bilinear", name="up2")(x)
+    outputs = L.Conv2D(2, 1, activation="softmax", name="pixels")(x)
+    return keras.Model(inputs, outputs, name="grain_segmenter")
+
+
+def train_grain_segmenter(model, images, masks, epochs: int = 12, batch_size: int = 16,
+                          learning_rate: float = 0.003, seed: int = 0) -> dict:
+    """Fit ``model`` to label the ``masks`` (N, H, W) bool pixels of ``images`` as grain;
+    returns the Keras history (per-epoch loss and pixel accuracy)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(np.asarray(images, np.float32), np.asarray(masks, np.int32),
+                        epochs=epochs, batch_size=batch_size, verbose=0)
+    return history.history
+
+
+def mask_iou(predicted, truth) -> np.ndarray:
+    """Intersection over union of two stacks of boolean masks (N, H, W), per mask (an empty
+    pair counts as 1)."""
+    predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
+    if predicted.shape != truth.shape:
+        raise ValueError(f"mask stacks differ in shape: {predicted.shape} and {truth.shape}")
+    inter = (predicted & truth).sum(axis=(1, 2))
+    union = (predicted | truth).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
