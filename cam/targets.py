@@ -79,7 +79,14 @@ class Class(Target):
                              f"image), got {k!r}")
         self.k = array.astype(np.int64)
 
+    @property
+    def key(self):
+        return ("Class",)  # MultiLabel and Predicted score the same way: one compiled function
+
     def params(self, count):
+        if self.k.ndim == 1 and len(self.k) != count:
+            raise ValueError(f"{type(self).__name__} has {len(self.k)} classes for {count} "
+                             f"images")
         return {"k": np.broadcast_to(self.k, (count,)).astype(np.int32)}
 
     def score(self, outputs, params):

@@ -176,12 +176,19 @@ def test_unbuilt_sequential_is_rejected():
         Split(model, None)
 
 
-def test_multi_output_model_is_rejected(tiny_sequential):
+def test_a_multi_output_model_splits_into_every_output(tiny_sequential):
+    """Each output is computed by the head (or carried past the cut when the layer does not
+    reach it); cam.targets.Output picks the one to explain."""
     inputs = keras.Input((10, 10, 3))
     out = tiny_sequential(inputs)
-    model = keras.Model(inputs, [out, out * 2.0])
-    with pytest.raises(ValueError, match="2 outputs"):
-        Split(model, "relu2")
+    side = L.GlobalAveragePooling2D(name="side")(L.Conv2D(2, 1, name="side_conv")(inputs))
+    model = keras.Model(inputs, [out, out * 2.0, side])
+    split = Split(model, "relu2")
+    assert len(split.outputs) == 3 and split.num_classes is None
+    x = np.random.default_rng(0).standard_normal((2, 10, 10, 3)).astype(np.float32)
+    activation, bypass = split.trunk(x)
+    for got, want in zip(split.head(activation, bypass), model(x)):
+        np.testing.assert_allclose(_np(got), _np(want), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- head == model
@@ -364,12 +371,14 @@ def test_hidden_softmax_is_refused_rather_than_explained_as_logits():
         cam.GradCAM(model, "relu")(images)
 
 
-def test_non_classifier_output_is_refused():
+def test_a_segmentation_output_splits_but_has_no_classes_to_predict():
     inputs = keras.Input((6, 6, 3))
     x = L.Conv2D(4, 3, padding="same", name="conv")(inputs)
     model = keras.Model(inputs, L.Conv2D(2, 1, name="seg")(x))
-    with pytest.raises(ValueError, match=r"\(batch, classes\)"):
-        Split(model, "conv")
+    split = Split(model, "conv")
+    assert split.num_classes is None and split.output_shapes == [(None, 6, 6, 2)]
+    with pytest.raises(ValueError, match=r"needs a \(batch, classes\) output"):
+        cam.GradCAM(model, "conv")(np.zeros((1, 6, 6, 3), np.float32))
 
 
 # --------------------------------------------------------------------------- layer table
@@ -403,14 +412,17 @@ def test_layer_table_rows_str_and_frame(pyramid):
         relu2["head layers"]
 
 
-def test_layer_table_notes_a_layer_that_cannot_be_split(tiny_sequential):
+def test_layer_table_splits_two_outputs_and_notes_two_inputs(tiny_sequential):
     inputs = keras.Input((10, 10, 3))
     out = tiny_sequential(inputs)
-    model = keras.Model(inputs, [out, out * 2.0])  # two outputs: no layer splits
-    table = cam.layer_table(model)
+    two_outputs = keras.Model(inputs, [out, out * 2.0])  # cam.targets.Output picks one
+    assert all(r["head-only"] is True for r in cam.layer_table(two_outputs) if r["grid"])
+    other = keras.Input((10, 10, 3))
+    two_inputs = keras.Model([inputs, other], tiny_sequential(inputs + other))
+    table = cam.layer_table(two_inputs)
     assert table and all(r["head-only"] is False and r["grid"] == "" for r in table)
-    assert all("2 outputs" in r["note"] for r in table)
-    assert "2 outputs" in str(table)
+    assert all("2 inputs" in r["note"] for r in table)
+    assert "2 inputs" in str(table)
 
 
 def test_needed_calls_keeps_only_what_the_wanted_keys_need(residual_add_model):
@@ -418,6 +430,6 @@ def test_needed_calls_keeps_only_what_the_wanted_keys_need(residual_add_model):
     names = [c.name for c in needed_calls(split.graph.calls, {split.target})]
     assert names == ["conv_in", "relu_in", "conv_a", "relu_a"]
     # keys nobody in the list produces (here the target, given to the head) are taken as given
-    assert [c.name for c in needed_calls(split.head_calls, {split.output})] == \
+    assert [c.name for c in needed_calls(split.head_calls, {split.outputs[0]})] == \
         [c.name for c in split.head_calls] == ["conv_b", "add", "relu_out", "gap", "logits"]
     assert needed_calls(split.graph.calls, set()) == []
