@@ -548,14 +548,19 @@ class AblationExplainer(Explainer):
             masks = masks.astype(np.float32, copy=False)
         return masks
 
+    def mask_settings(self) -> tuple:
+        """What :meth:`masks` depends on besides the grid (a method's window, stride, ...): the
+        masks kept on the device are made again when it changes."""
+        return ()
+
     def device_masks(self, grid_shape: tuple):
         """The :meth:`masks` for a grid as (NumPy array, tensor on the device), made once per
-        grid and kept."""
-        grid_shape = tuple(int(d) for d in grid_shape)
-        if grid_shape not in self._device_masks:
-            masks = self.checked_masks(self.masks(grid_shape))
-            self._device_masks[grid_shape] = (masks, B.tensor(masks))
-        return self._device_masks[grid_shape]
+        grid and :meth:`mask_settings`, and kept."""
+        key = (tuple(int(d) for d in grid_shape), self.mask_settings())
+        if key not in self._device_masks:
+            masks = self.checked_masks(self.masks(key[0]))
+            self._device_masks[key] = (masks, B.tensor(masks))
+        return self._device_masks[key]
 
     def mask_batches(self, masks: np.ndarray) -> list:
         """Masks cut into equal batches of at most ``batch_size`` (the last padded with masks

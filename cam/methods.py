@@ -82,6 +82,9 @@ class FastAblationCAM(AblationExplainer):
                              f"cell is ablated at least once, got {stride}")
         self.window, self.stride = int(window), int(stride)
 
+    def mask_settings(self):
+        return (self.window, self.stride)
+
     def masks(self, grid_shape):
         h, w = grid_shape[:2]
         if self.window > min(h, w):
@@ -284,10 +287,10 @@ class Occlusion(Explainer):
 
     def device_masks(self, size: tuple[int, int]):
         """The :meth:`masks` for images of ``size`` on the device, made once per size."""
-        size = tuple(int(d) for d in size)
-        if size not in self._device_masks:
-            self._device_masks[size] = B.tensor(self.masks(size))
-        return self._device_masks[size]
+        key = (tuple(int(d) for d in size), self.window, self.stride)
+        if key not in self._device_masks:
+            self._device_masks[key] = B.tensor(self.masks(key[0]))
+        return self._device_masks[key]
 
     def _baseline(self, images):
         """The baseline as one value per input channel (one shape for every Occlusion, which
@@ -490,6 +493,9 @@ class ReciproCAM(AblationExplainer):
         if not isinstance(gaussian, (bool, np.bool_)):
             raise ValueError(f"gaussian must be True or False, got {gaussian!r}")
         self.gaussian = bool(gaussian)
+
+    def mask_settings(self):
+        return (self.gaussian,)
 
     def masks(self, grid_shape):
         h, w = grid_shape[:2]

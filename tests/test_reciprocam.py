@@ -349,3 +349,15 @@ def test_gaussian_accepts_numpy_bools(gap_head_model):
 def test_bad_ablation_arguments(gap_head_model, kwargs, phrase):
     with pytest.raises(ValueError, match=phrase):
         cam.ReciproCAM(gap_head_model, "relu", **kwargs)
+
+
+def test_masks_kept_on_the_device_follow_the_window(dense_concat_model):
+    """The masks are made once per grid and settings: a window changed in place is seen."""
+    x = np.random.default_rng(12).standard_normal((2, 10, 10, 3)).astype(np.float32)
+    explainer = cam.FastAblationCAM(dense_concat_model, "relu1", window=1)
+    explainer(x)
+    explainer.window = explainer.stride = 2
+    changed = explainer(x, normalize=False, upsample=False)
+    fresh = cam.FastAblationCAM(dense_concat_model, "relu1", window=2)(x, normalize=False,
+                                                                         upsample=False)
+    np.testing.assert_array_equal(changed, fresh)

@@ -65,7 +65,7 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
     records, raws = [], {}
     settings = [(layer, w) for layer in layers for w in ("Grad-CAM", "Ablation-CAM", *windows)]
     bar = tqdm(settings, desc="layer x window", disable=not progress)
-    reference, fast = {}, {}
+    reference = {}
     for layer, window in bar:
         bar.set_postfix_str(f"{layer} {window}")
         if window == "Grad-CAM":
@@ -73,14 +73,13 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
         elif window == "Ablation-CAM":
             explainer, method = AblationCAM(model, layer, batch_size=batch_size), "Ablation-CAM"
         else:
-            # One FastAblationCAM per layer, its window changed in place: building a new
-            # explainer would compile the trunk again (tens of seconds for DenseNet-169).
-            if layer not in fast:
-                fast[layer] = FastAblationCAM(model, layer, window=1, batch_size=batch_size)
-            explainer, method = fast[layer], "FastAblationCAM"
-            if window > min(explainer.split.target_shape[:2]):
+            # A new FastAblationCAM per window: explainers at one layer share its compiled
+            # trunk and scoring, so this compiles nothing again.
+            grid = GradCAM(model, layer).split.target_shape
+            if window > min(grid[:2]):
                 continue
-            explainer.window = explainer.stride = int(window)
+            explainer = FastAblationCAM(model, layer, window=int(window), batch_size=batch_size)
+            method = "FastAblationCAM"
         grid = explainer.split.target_shape
         evaluations = getattr(explainer, "evaluations_per_image", 1)
         if method == "Ablation-CAM":
