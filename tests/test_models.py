@@ -14,6 +14,8 @@ from cam.study import data, models, paths
 from cam.study.models import CHECKPOINT_STEM, build_densenet169, checkpoint_paths, load_checkpoint
 from cam.study.train import TrainConfig, recalibrate_batchnorm, training_dataset
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 WEIGHTS, META = checkpoint_paths()
 
 
@@ -163,3 +165,38 @@ def test_study_checkpoint_names_the_shared_checkpoints():
         "densenet169-synthetic-fold0"
     with pytest.raises(ValueError, match="architecture must be one of"):
         models.study_checkpoint("synthetic", 0, "resnet")
+
+
+def _densenet_named_model():
+    from keras import layers as L
+
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((8, 8, 3))
+    for name in ["conv1_conv", "conv2_block1_1_conv", "conv2_block2_1_conv", "pool2_conv",
+                 "conv3_block1_1_conv", "conv3_block2_1_conv"]:
+        x = L.Conv2D(2, 1, name=name)(x)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU(name="relu")(x)
+    x = L.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = L.Dense(3, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_randomisation_stages_for_densenet_names_and_a_small_cnn():
+    from cam import sanity
+
+    stages = models.randomisation_stages(_densenet_named_model(), block_group=1)
+    assert stages == [("predictions", ["predictions"]),
+                      ("conv3 blocks 2-2", ["bn", "conv3_block2_1_conv"]),
+                      ("conv3 blocks 1-1", ["conv3_block1_1_conv"]),
+                      ("conv2 blocks 2-2", ["pool2_conv", "conv2_block2_1_conv"]),
+                      ("conv2 blocks 1-1", ["conv2_block1_1_conv"]),
+                      ("conv1", ["conv1_conv"])]
+    assert [s for s, _ in models.randomisation_stages(_densenet_named_model(), block_group=2)] == \
+        ["predictions", "conv3 blocks 1-2", "conv2 blocks 1-2", "conv1"]
+    small = sanity.randomisation_stages(models.build_small_cnn(3, image_size=16, width=2))
+    assert small == [("predictions", ["predictions"]), ("conv4", ["bn", "conv4"]),
+                     ("conv3", ["bn3", "conv3"]), ("conv2", ["bn2", "conv2"]),
+                     ("conv1", ["bn1", "conv1"])]
+    # the DenseNet grouping leaves a model with other names to the generic one
+    assert models.randomisation_stages(models.build_small_cnn(3, image_size=16, width=2)) == small

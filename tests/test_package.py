@@ -67,6 +67,21 @@ def test_no_library_module_imports_the_study():
                 assert not any(a.name.startswith("cam.study") for a in node.names), path.name
 
 
+def test_the_metrics_and_road_never_import_keras():
+    """cam.metrics and cam.road are NumPy over maps and a predict function: they import no
+    Keras, not even inside a function (the sanity check, which runs models, is cam.sanity)."""
+    for name in ("metrics.py", "road.py"):
+        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+            if isinstance(node, ast.Import):
+                assert not [a.name for a in node.names if a.name.split(".")[0] == "keras"], name
+            elif isinstance(node, ast.ImportFrom):  # of cam itself, only the Keras-free parts
+                assert (node.module or "").split(".")[0] != "keras", name
+                assert node.level == 0 or node.module in ("metrics", "_optional"), \
+                    f"{name} imports {'.' * node.level}{node.module or ''}"
+    loaded = _loaded_after("import cam.metrics, cam.road")
+    assert not {"keras", "tensorflow", "jax", "torch"} & loaded
+
+
 def test_library_modules_have_no_import_time_side_effects():
     """Importing every library module leaves the environment (backend, log levels) alone."""
     # Third-party imports may touch the environment themselves (OpenCV's loader extends
@@ -76,7 +91,7 @@ import os, sys
 import cv2, keras, numpy, PIL.Image, tqdm
 before = dict(os.environ)
 import cam.cli, cam.explainers, cam.graph, cam.images, cam.maps, cam.methods, cam.metrics
-import cam.keras_internals
+import cam.keras_internals, cam.road, cam.sanity
 assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from .. import metrics
+from .. import sanity
 from . import paths
 
 #: Keras' default BatchNormalization momentum (0.99) averages over ~100 steps. POLEN23E gives
@@ -224,11 +224,11 @@ _STEM_OR_TRANSITION = re.compile(r"^(conv1|pool\d+)_")
 
 
 def randomisation_stages(model, block_group: int = 16) -> list[tuple[str, list[str]]]:
-    """The stages of the model-randomisation check (:func:`cam.metrics.randomisation_check`)
+    """The stages of the model-randomisation check (:func:`cam.sanity.randomisation_check`)
     for a DenseNet: the classifier, then each dense block in chunks of ``block_group`` blocks,
     top chunk first (``conv5 blocks 17-32``, ...); a transition (``poolN_*``) and the final
     ``bn`` join the chunk just before them, and the stem is ``conv1``. Any other model gets
-    :func:`cam.metrics.randomisation_stages`' default (one stage per weighted layer)."""
+    :func:`cam.sanity.randomisation_stages`' default (one stage per weighted layer)."""
     if block_group < 1:
         raise ValueError(f"block_group must be >= 1, got {block_group}")
 
@@ -242,7 +242,7 @@ def randomisation_stages(model, block_group: int = 16) -> list[tuple[str, list[s
             return previous  # a transition or a BN belongs with what comes before it
         return layer.name
 
-    stages = metrics.randomisation_stages(model, group)
+    stages = sanity.randomisation_stages(model, group)
     return [(_stage_label(key, names), names) for key, names in stages]
 
 
