@@ -22,6 +22,7 @@ and out. TensorFlow is imported only when it is the backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -259,12 +260,15 @@ def _tensorflow(fn, variables, grad, fuse=False) -> Compiled:
                 y, aux = fn(x, *args)
             return aux, tape.gradient(y, x)
     else:
-        def body(*args):  # a fresh closure: tf.function counts retracing per Python function
+        def body(*args):
             return fn(*args)
-    function = tf.function(body, reduce_retracing=True)
+    # TensorFlow counts retracing per code object, which every ``body`` shares: a partial has
+    # none, so each compiled function is counted on its own (no false "excessive retracing"
+    # warning when cam builds many functions of one shape).
+    function = tf.function(functools.partial(body), reduce_retracing=True)
     if not fuse:
         return Compiled(function, function.experimental_get_tracing_count, "tensorflow")
-    fused = tf.function(lambda *args: body(*args), reduce_retracing=True, jit_compile=True)
+    fused = tf.function(functools.partial(body), reduce_retracing=True, jit_compile=True)
     state = {"use_xla": True}
 
     def call(*args):

@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cam.study import download, paths, reproduce
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 
 def test_study_notebooks_in_order_appendix_only_on_synthetic():
     polen = [nb.name for nb in reproduce.notebooks("polen23e")]
@@ -47,6 +49,13 @@ def test_parameters_are_only_those_a_notebook_declares(tmp_path, small):
         saliency = reproduce.parameters_for(paths.NOTEBOOKS_DIR / "03-saliency.ipynb",
                                            "synthetic", tmp_path, small)
         assert saliency["image_size"] == reproduce.SMALL["synthetic"]["image_size"]
+
+
+def test_output_dir_inside_the_repository_is_injected_relative_to_it():
+    notebook = paths.NOTEBOOKS_DIR / "01-data.ipynb"
+    params = reproduce.parameters_for(notebook, "polen23e", paths.RESULTS_DIR / "polen23e", False)
+    assert params["output_dir"] == "results/polen23e"  # no machine's folders in the notebook
+    assert paths.resolve(params["output_dir"]) == paths.RESULTS_DIR / "polen23e"
 
 
 def test_prepare_only_writes_parameterised_copies(tmp_path):
@@ -205,6 +214,76 @@ def test_run_commits_a_shrunk_copy_and_records_the_peak(tmp_path, monkeypatch):
     assert abs(committed.stat().st_mtime - (started - 60)) < 1  # dated when the run started
     table = pd.read_csv(tmp_path / "tables" / "00-wall-times.csv")
     assert table["notebook"].tolist() == ["03-saliency"] and table["peak MB"].tolist() == [2048]
+
+
+def test_kernels_start_in_the_repository_with_the_quiet_options(tmp_path, monkeypatch):
+    seen = {}
+
+    def execute(source, output, **kwargs):
+        seen.update(kwargs)
+        nbformat.write(_executed_book(_png(10, 10)), output)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    reproduce.run("synthetic", tmp_path, only=("01",))
+    assert seen["cwd"] == str(paths.ROOT) and seen["extra_arguments"] == reproduce.KERNEL_ARGUMENTS
+
+
+def test_a_kernel_keeps_c_level_stderr_and_tf_retracing_warnings_out_of_the_outputs(tmp_path):
+    """A real kernel with ``KERNEL_ARGUMENTS``: what C code writes to file descriptor 2
+    (TensorFlow's start-up log) and TensorFlow's retracing warning stay out of the notebook;
+    what the cells print and TensorFlow's other warnings are kept."""
+    book = nbformat.v4.new_notebook()
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                   "language": "python"}
+    book.cells = [nbformat.v4.new_code_cell(
+        "import logging, os\n"
+        "os.write(2, b'I0000 port.cc:153] oneDNN custom operations are on\\n')\n"
+        "logging.getLogger('tensorflow').warning('5 out of the last 5 calls to <function body> '\n"
+        "                                        'triggered tf.function retracing.')\n"
+        "logging.getLogger('tensorflow').warning('a warning that stays')\n"
+        "print('printed')")]
+    nbformat.write(book, tmp_path / "in.ipynb")
+    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"),
+                               progress_bar=False, cwd=str(paths.ROOT),
+                               extra_arguments=reproduce.KERNEL_ARGUMENTS)
+    outputs = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs
+    text = {o.name: o.text for o in outputs if o.output_type == "stream"}
+    assert text == {"stderr": "a warning that stays\n", "stdout": "printed\n"}
+
+
+def _widget(name, **state):
+    return {"model_module": "@jupyter-widgets/controls", "model_module_version": "2.0.0",
+            "model_name": name, "state": state}
+
+
+def test_progress_bars_and_their_widget_state_are_dropped_other_widgets_kept():
+    state = {"bar": _widget("HBoxModel", children=["IPY_MODEL_left", "IPY_MODEL_progress",
+                                                   "IPY_MODEL_right"], layout="IPY_MODEL_l1"),
+             "left": _widget("HTMLModel", value="Ablation-CAM"),
+             "progress": _widget("FloatProgressModel", value=7, style="IPY_MODEL_s1"),
+             "right": _widget("HTMLModel", value="7/13"),
+             "l1": _widget("LayoutModel"), "s1": _widget("ProgressStyleModel"),
+             "slider": _widget("IntSliderModel", value=3, layout="IPY_MODEL_l2"),
+             "l2": _widget("LayoutModel")}
+    book = nbformat.v4.new_notebook()
+    book.metadata["widgets"] = {reproduce.WIDGET_STATE: {"state": state, "version_major": 2,
+                                                         "version_minor": 0}}
+
+    def view(model_id):
+        return nbformat.v4.new_output("display_data", {
+            reproduce.WIDGET_VIEW: {"model_id": model_id, "version_major": 2,
+                                    "version_minor": 0}, "text/plain": model_id})
+
+    printed = nbformat.v4.new_output("stream", name="stdout", text="done\n")
+    book.cells = [nbformat.v4.new_code_cell("x", outputs=[view("bar"), printed]),
+                  nbformat.v4.new_code_cell("y", outputs=[view("slider")])]
+    reproduce.drop_progress_bars(book)
+    assert book.cells[0].outputs == [printed]
+    assert book.cells[1].outputs[0].data[reproduce.WIDGET_VIEW]["model_id"] == "slider"
+    assert set(book.metadata.widgets[reproduce.WIDGET_STATE].state) == {"slider", "l2"}
+    book.cells.pop()
+    reproduce.drop_progress_bars(book)  # the slider is no longer shown, but its state stays
+    assert set(book.metadata.widgets[reproduce.WIDGET_STATE].state) == {"slider", "l2"}
 
 
 def test_a_failed_notebook_leaves_its_partial_copy_and_the_committed_one(tmp_path, monkeypatch):

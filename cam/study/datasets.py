@@ -34,12 +34,13 @@ class Dataset:
 def open_dataset(name: str, data_dir: str | Path = "") -> Dataset:
     """POLEN23E (from ``data_dir``, else ``$POLEN23E_DIR``, else ``data/polen23e``) with the
     committed folds; or the synthetic stand-in, written to ``data_dir`` (default
-    ``data/synthetic``) the first time, with folds built from it."""
+    ``data/synthetic``) the first time, with folds built from it. A relative ``data_dir`` is
+    relative to the repository root."""
     if name == "polen23e":
-        root = Path(data_dir) if data_dir else data.polen23e_root()
+        root = paths.resolve(data_dir) if data_dir else data.polen23e_root()
         return Dataset(name, root, data.POLEN23E_CLASSES, data.read_fold_table())
     if name == "synthetic":
-        root = Path(data_dir) if data_dir else paths.DATA_DIR / "synthetic"
+        root = paths.resolve(data_dir) if data_dir else paths.DATA_DIR / "synthetic"
         folds_csv = root / "folds.csv"
         if not folds_csv.is_file():
             synthetic.write_dataset(root, SYNTHETIC_PER_CLASS, SYNTHETIC_SIZE, SYNTHETIC_SEED)

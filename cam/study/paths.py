@@ -37,12 +37,45 @@ def polen23e_dir() -> Path | None:
     return None
 
 
+def resolve(path: str | Path) -> Path:
+    """``path``, a relative one taken relative to the repository root rather than the working
+    directory: notebooks get ``output_dir = "results/polen23e"``, the same on every machine."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+def relative(path: str | Path) -> str:
+    """``path`` relative to the repository root (``results/polen23e``) when it is inside it,
+    else absolute: what :func:`resolve` turns back into ``path`` (the notebooks' parameters)."""
+    path = resolve(path).resolve()
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as a notebook prints it, with no machine's folders in it: relative to the
+    repository root, or ``$POLEN23E_DIR/...`` under that folder; else absolute."""
+    path = resolve(path).resolve()
+    env = os.environ.get(POLEN23E_ENV)
+    if env and not path.is_relative_to(ROOT):
+        try:
+            rest = path.relative_to(resolve(env).resolve())
+        except ValueError:
+            pass
+        else:
+            return "/".join(["$" + POLEN23E_ENV, *rest.parts])
+    return relative(path)
+
+
 class Results:
     """Where a notebook writes: ``figures/`` and ``tables/`` under ``output_dir`` (by default
-    ``results/<dataset>``), created on construction; tables go out as CSV and Markdown."""
+    ``results/<dataset>``; a relative one is relative to the repository root), created on
+    construction; tables go out as CSV and Markdown."""
 
     def __init__(self, dataset: str, output_dir: str | Path = ""):
-        self.root = Path(output_dir) if output_dir else RESULTS_DIR / dataset
+        self.root = resolve(output_dir) if output_dir else RESULTS_DIR / dataset
         self.figures, self.tables = self.root / "figures", self.root / "tables"
         self.figures.mkdir(parents=True, exist_ok=True)
         self.tables.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,6 +80,22 @@ SMALL_NOTEBOOK = {("polen23e", "04"): {"layers": ["relu"], "windows": [1, 2],
                                        "scorecam_channels": 4, "occlusion_window": 112}}
 
 
+#: How each notebook's kernel starts (ipykernel options), so that an executed copy holds what
+#: its cells print and nothing else. Output that C and C++ libraries write straight to the
+#: process's stderr goes to the terminal that runs the notebooks, not into a cell: TensorFlow's
+#: start-up log (the oneDNN and CUDA notices, which $TF_CPP_MIN_LOG_LEVEL cannot hide because
+#: they come before absl's logging is set up, and on a machine without a GPU the "failed call
+#: to cuInit" error). And TensorFlow's warning that a Python function "triggered tf.function
+#: retracing" is dropped, its other warnings kept: TensorFlow counts traces per Python
+#: function, and cam.backend builds a tf.function per explainer from one function, so every
+#: notebook that builds a few explainers would get it for traces that are expected.
+KERNEL_ARGUMENTS = [
+    "--IPKernelApp.capture_fd_output=False",
+    "--IPKernelApp.exec_lines=import logging; logging.getLogger('tensorflow').addFilter("
+    "lambda record: 'triggered tf.function retracing' not in record.getMessage())",
+]
+
+
 def notebooks(dataset: str, only=()) -> list[Path]:
     """The notebooks to run in order: 01-... always, A01-... (appendix) on the synthetic data."""
     found = sorted(paths.NOTEBOOKS_DIR.glob("0*.ipynb"))
@@ -93,11 +111,13 @@ def notebooks(dataset: str, only=()) -> list[Path]:
 
 
 def parameters_for(notebook: Path, dataset: str, out: Path, small: bool) -> dict:
-    """``dataset``, ``output_dir`` and the study's (or CI's) values that ``notebook`` declares."""
+    """``dataset``, ``output_dir`` and the study's (or CI's) values that ``notebook`` declares.
+    ``output_dir`` is relative to the repository root when ``out`` is inside it (the executed
+    copies name no machine's folders; ``paths.Results`` resolves it), else absolute."""
     import papermill
 
     declared = papermill.inspect_notebook(str(notebook))
-    wanted = {"dataset": dataset, "output_dir": str(out.resolve()),
+    wanted = {"dataset": dataset, "output_dir": paths.relative(out),
               **(SMALL if small else STUDY)[dataset]}
     if small:
         wanted.update(SMALL_NOTEBOOK.get((dataset, notebook.name[:2]), {}))
@@ -196,11 +216,13 @@ def shrink_figure(data: bytes, max_width: int = MAX_FIGURE_WIDTH) -> tuple[str, 
 
 def shrink_notebook(source: Path, target: Path) -> tuple[int, int]:
     """Write ``source`` (an executed notebook) to ``target`` with its PNG outputs shrunk by
-    ``shrink_figure`` and papermill's and nbclient's timestamps dropped (outputs are kept);
-    returns the sizes in bytes before and after."""
+    ``shrink_figure``, its progress bars dropped (``drop_progress_bars``) and papermill's and
+    nbclient's timestamps dropped (the other outputs are kept); returns the sizes in bytes
+    before and after."""
     import nbformat
 
     book = nbformat.read(str(source), as_version=4)
+    drop_progress_bars(book)
     for cell in book.cells:
         cell.metadata.pop("execution", None)  # nbclient's per-message timestamps
         if "id" in cell and "injected-parameters" in cell.metadata.get("tags", []):
@@ -215,11 +237,54 @@ def shrink_notebook(source: Path, target: Path) -> tuple[int, int]:
     if meta is not None:  # paths relative to the repository: the same on every checkout
         _drop_times(meta)
         if meta.get("input_path"):
-            meta["input_path"] = _relative(Path(meta["input_path"]))
-        meta["output_path"] = _relative(target)
+            meta["input_path"] = paths.relative(meta["input_path"])
+        meta["output_path"] = paths.relative(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(book, str(target))
     return source.stat().st_size, target.stat().st_size
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+#: tqdm's progress bar in a notebook (``tqdm.auto`` with ipywidgets): an HBox of these.
+PROGRESS_BAR = ["HTMLModel", "FloatProgressModel", "HTMLModel"]
+
+
+def drop_progress_bars(book) -> None:
+    """Drop tqdm's progress bars from ``book`` (a notebook): their outputs, and their widget
+    models from its saved widget state. A bar is transient (most close when done), and its
+    saved state would show it stopped at its last refresh; other widgets are kept."""
+    widgets = book.metadata.get("widgets", {})
+    state = widgets.get(WIDGET_STATE, {}).get("state", {})
+
+    def refs(model_id):
+        text = json.dumps(state.get(model_id, {}).get("state", {}))
+        return re.findall(r"IPY_MODEL_(\w+)", text)
+
+    def is_bar(model_id):
+        model = state.get(model_id, {})
+        children = [c.removeprefix("IPY_MODEL_") for c in model.get("state", {}).get("children", [])]
+        return (model.get("model_name") == "HBoxModel"
+                and [state.get(c, {}).get("model_name") for c in children] == PROGRESS_BAR)
+
+    dropped = set()
+    for cell in book.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            model_id = output.get("data", {}).get(WIDGET_VIEW, {}).get("model_id")
+            if model_id and is_bar(model_id):
+                dropped.add(model_id)
+            else:
+                kept.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    todo = list(dropped)
+    while todo:  # the bar and the models only it refers to: its parts, their layouts, styles
+        model_id = todo.pop()
+        todo += refs(model_id)
+        state.pop(model_id, None)
+    if widgets and not state:
+        del book.metadata["widgets"]
 
 
 def _drop_times(meta) -> None:
@@ -228,13 +293,6 @@ def _drop_times(meta) -> None:
         meta.pop("end_time", None)
         if isinstance(meta.get("duration"), (int, float)):
             meta["duration"] = round(meta["duration"])
-
-
-def _relative(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(paths.ROOT))
-    except ValueError:
-        return str(path)
 
 
 def children_peak_mb() -> float | None:
@@ -310,7 +368,8 @@ def run(dataset: str, out: Path, small: bool = False, prepare_only: bool = False
         try:
             papermill.execute_notebook(str(notebook), str(partial), parameters=params,
                                        prepare_only=prepare_only, log_output=not prepare_only,
-                                       progress_bar=not prepare_only, cwd=str(paths.ROOT))
+                                       progress_bar=not prepare_only, cwd=str(paths.ROOT),
+                                       extra_arguments=KERNEL_ARGUMENTS)
         except papermill.PapermillExecutionError as error:
             raise SystemExit(f"error: {notebook.name} failed in cell {error.exec_count}: "
                              f"{error.ename}: {error.evalue}\n(executed copy: {partial})") from None
