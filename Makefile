@@ -32,11 +32,6 @@ venv: $(STAMP)
 CI_NB := build/ci-notebooks
 CORE_VENV := build/core-venv
 
-# The library's own tests (no study, no notebooks), run once more on each other backend.
-LIBRARY_TESTS := tests/test_explainers.py tests/test_methods.py tests/test_reciprocam.py \
-  tests/test_perturbation_methods.py tests/test_tokens.py tests/test_graph.py \
-  tests/test_keras_internals.py tests/test_backends.py tests/test_batching.py tests/test_combine.py tests/test_targets.py tests/test_cli.py tests/test_plot.py
-
 ## Run the test suite (TensorFlow), the library's tests on JAX and PyTorch, every notebook with small parameters, and the core-install check
 # The three run side by side (each target's output printed when it ends): much of the main
 # suite waits on notebook kernels and subprocesses, which leaves the cores to the others.
@@ -46,7 +41,7 @@ test: $(STAMP)
 	  test-main test-backends test-core
 
 ## The main suite alone: every test on TensorFlow and every notebook with small parameters
-test-main: $(STAMP)
+test-main: $(STAMP) chromium
 	@rm -rf $(CI_NB)
 	$(PY) -m cam.study.reproduce synthetic --small --prepare-only --out $(CI_NB)/synthetic
 	@if [ -n "$(POLEN23E_DIR)" ]; then \
@@ -56,9 +51,11 @@ test-main: $(STAMP)
 	  -p no:cacheprovider --durations=15
 
 ## The library's tests on the JAX and PyTorch backends
+# The library's tests are every test not marked `study` (pyproject.toml): a test module of
+# cam.study, the notebooks or TensorFlow itself says `pytestmark = pytest.mark.study`.
 test-backends: $(STAMP)
-	KERAS_BACKEND=jax $(SIDE) $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
-	KERAS_BACKEND=torch $(SIDE) $(PY) -m pytest -q $(LIBRARY_TESTS) -p no:cacheprovider --durations=5
+	KERAS_BACKEND=jax $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
+	KERAS_BACKEND=torch $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
 
 ## Install the library with JAX alone (no TensorFlow, no study) in a throwaway venv and run its command line there
 test-core:
@@ -136,9 +133,26 @@ reproduce: $(STAMP) reproduce-log-polen23e $(NB_polen23e)
 demo: $(STAMP) reproduce-log-synthetic $(NB_synthetic)
 	$(call report-notebooks,synthetic,demo)
 
-## Open the notebooks in JupyterLab
+## Open JupyterLab on the explorer (notebooks/08-explore.ipynb); the other notebooks are beside it
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/08-explore.ipynb
+
+## Drive the explorer in Chromium (installed here if missing); its screenshot becomes results/polen23e/figures/08-explorer.png
+test-browser: $(STAMP) chromium
+	$(PY) -m pytest -q tests/test_browser.py -p no:cacheprovider -rs
+	@if [ -f build/browser/08-explorer.png ]; then \
+	  cp build/browser/08-explorer.png results/polen23e/figures/08-explorer.png; \
+	  echo "results/polen23e/figures/08-explorer.png: the explorer as the browser test left it"; fi
+
+# Debian's Chromium for the browser test (Playwright uses it; nothing downloads a browser).
+# Where it cannot be installed the browser test is skipped and says why.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; \
+	  elif command -v sudo >/dev/null; then sudo -n apt-get install -y -qq chromium >/dev/null 2>&1; fi; \
+	  command -v chromium >/dev/null && echo "installed Debian's chromium" || \
+	    echo "Chromium could not be installed: the browser test will be skipped"; }
 
 ## Download POLEN23E from figshare into data/polen23e (skipped when POLEN23E_DIR is set)
 data: $(STAMP)
@@ -157,5 +171,5 @@ train: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
-.PHONY: help venv test test-main test-core test-backends data folds train reproduce demo lab benchmark force-rerun \
+.PHONY: help venv test test-main test-core test-backends chromium test-browser data folds train reproduce demo lab benchmark force-rerun \
   reproduce-log-polen23e reproduce-log-synthetic

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 #: module -> the extra of this package that installs it
-EXTRAS = {"matplotlib": "plot", "scipy": "metrics"}
+EXTRAS = {"matplotlib": "plot", "scipy": "metrics", "ipywidgets": "widgets"}
 
 
 def require(module: str, feature: str):

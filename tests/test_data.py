@@ -11,6 +11,8 @@ from PIL import Image
 
 from cam.study import data, paths
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 
 def _grain(seed: int, size=(40, 48)) -> np.ndarray:
     """A distinct picture per seed: a bright disc on a noisy background."""

@@ -18,6 +18,8 @@ from PIL import Image
 from cam.study import download
 from cam.study.download import class_from_name, count_images, download_polen23e, main
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 # 3 classes x 2 images; the flat layout mixes "class_NN" and "class (N)" names.
 FLAT_NAMES = {
     "anadenanthera": ["anadenanthera_16.jpg", "anadenanthera_17.jpg"],

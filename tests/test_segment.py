@@ -8,6 +8,8 @@ import pytest
 
 from cam.study import segment, synthetic
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 
 def test_fill_holes_and_largest_component_by_hand():
     ring = np.zeros((5, 5), bool)

@@ -6,6 +6,8 @@ import pytest
 
 from cam.study import shift
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 
 def blob(size, row, col, sigma=2.0):
     y, x = np.mgrid[:size, :size]

@@ -17,6 +17,8 @@ import cam
 from cam.study import speed
 from conftest import random_images
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 #: Occlusion on the 10x10 test images: 4-pixel patches every 2 pixels, starts 0, 2, 4, 6.
 OCCLUSION = (4, 2)
 

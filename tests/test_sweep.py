@@ -2,8 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from cam.study import sweep
+
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
 
 
 def test_verdicts_by_hand():

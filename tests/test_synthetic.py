@@ -19,6 +19,8 @@ from cam.study.synthetic import (
     write_dataset,
 )
 
+pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
+
 N_CLASSES = len(SYNTHETIC_CLASSES)
 BORDER = 2  # the generator promises this many grain-free pixels on every side
 
