@@ -139,6 +139,7 @@ lab: $(STAMP)
 
 ## Drive the explorer in Chromium (installed here if missing); its screenshot becomes results/polen23e/figures/08-explorer.png
 test-browser: $(STAMP) chromium
+	@rm -f build/browser/08-explorer.png
 	$(PY) -m pytest -q tests/test_browser.py -p no:cacheprovider -rs
 	@if [ -f build/browser/08-explorer.png ]; then \
 	  cp build/browser/08-explorer.png results/polen23e/figures/08-explorer.png; \

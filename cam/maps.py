@@ -298,4 +298,5 @@ def blend(image: np.ndarray, saliency: np.ndarray, colours: np.ndarray, alpha: f
     weight = np.clip((saliency - threshold) / max(1 - threshold, 1e-6), 0, 1) if threshold > 0 \
         else np.ones_like(saliency)
     weight = (alpha * weight)[..., None]
-    return (1 - weight) * image + weight * colours
+    # a convex combination of values in [0, 1]; float rounding can step past 1 by 1e-8
+    return np.clip((1 - weight) * image + weight * colours, 0, 1)

@@ -109,7 +109,8 @@ class Explorer:
         self.raw_grid = widgets.Checkbox(False, description="raw grid")
         self.compute = widgets.Button(description="Compute", button_style="warning",
                                       layout=widgets.Layout(display="none"))
-        self.all_methods = widgets.Button(description="Every method on this image")
+        self.all_methods = widgets.Button(description="All methods",
+                                          tooltip="every method on this image, side by side")
         self.picture = widgets.Image(format="png")
         self.picture.add_class("cam-explorer-map")
         self.info = widgets.HTML()
@@ -127,6 +128,7 @@ class Explorer:
                           widgets.VBox([self.picture, self.info])]),
             self.progress, self.multiples])
         self.widget.add_class("cam-explorer")
+        self.window.disabled = self.stride.disabled = self.method.value != "fastablationcam"
         self.update()
 
     # -- pieces --------------------------------------------------------------------------
