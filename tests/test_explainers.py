@@ -684,3 +684,27 @@ def test_cam_keeps_no_model_alive_and_release_frees_early():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_several_methods_share_one_trunk_pass(dense_concat_model):
+    """explain(features=...) gives each method's own maps, with the trunk run once for all;
+    features from another layer, mode or image count are refused."""
+    x = np.random.default_rng(13).standard_normal((3, 10, 10, 3)).astype(np.float32)
+    explainers = [METHODS[k](dense_concat_model, "relu1") for k in
+                  ("gradcam", "ablationcam", "fastablationcam", "scorecam", "reciprocam")]
+    trunk = explainers[0]._trunk
+    features = explainers[0].features(x)
+    calls = trunk.calls
+    for explainer in explainers:
+        shared = explainer.explain(x, [0, 1, 2], normalize=False, features=features)
+        alone = explainer.explain(x, [0, 1, 2], normalize=False)
+        np.testing.assert_array_equal(shared.raw, alone.raw)
+    assert trunk.calls - calls == len(explainers)  # the alone calls only
+    with pytest.raises(ValueError, match="features were computed at layer 'relu1'"):
+        METHODS["gradcam"](dense_concat_model, "relu0").explain(x, features=features)
+    with pytest.raises(ValueError, match="mode 'full'"):
+        METHODS["gradcam"](dense_concat_model, "relu1", mode="full").explain(x, features=features)
+    with pytest.raises(ValueError, match="features are of 3 images, got 2"):
+        explainers[0].explain(x[:2], features=features)
+    with pytest.raises(TypeError, match="features must come from explainer.features"):
+        explainers[0].explain(x, features=(1, 2))
