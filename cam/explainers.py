@@ -151,11 +151,11 @@ class Explainer:
         return self._shared.get((key, fuse), lambda: B.compiled(make_fn(), split.variables(part),
                                                                 fuse))
 
-    def rows_per_call(self, part: str, factor: int = 1) -> int:
+    def rows_per_call(self, part: str, backward: bool = False) -> int:
         """Rows (images or perturbed copies) one compiled call of ``part`` takes under the
-        memory budget (:mod:`cam.batching`); ``factor`` for a call that keeps more per row
-        (a backward pass keeps the forward's tensors)."""
-        return batching.rows_per_call(factor * self.split.bytes_per_row(part))
+        memory budget (:mod:`cam.batching`); ``backward`` for a call that also runs a
+        backward pass (which keeps the forward's tensors)."""
+        return batching.rows_per_call(self.split.bytes_per_row(part, backward))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model.name!r}, layer={self.layer!r}, "
@@ -388,8 +388,7 @@ class GradientExplainer(Explainer):
         raise NotImplementedError
 
     def raw_maps(self, images, activation, bypass, target, params, scores):
-        # a backward pass keeps the forward's tensors: twice the bytes of a forward row
-        rows = min(self.rows_per_call("head" if self.mode == "head" else "full", factor=2),
+        rows = min(self.rows_per_call("head" if self.mode == "head" else "full", backward=True),
                    ops.shape(activation)[0])
         gradients = self.gradient_function(target)
         names = sorted(params)
@@ -622,10 +621,46 @@ def _score_head(split, ablation_value, target, activation, bypass, masks, params
     # per-image params; index (R,): the rows of this call. Each row is one image's activation
     # with one mask applied, through the head: (R,) target scores.
     image, mask = _rows(index, ops.shape(masks)[0], ops.shape(activation)[0])
-    rows = _ablate(ops.take(activation, image, axis=0), ops.take(masks, mask, axis=0),
-                   ablation_value)
-    outputs = split.head(rows, [ops.take(b, image, axis=0) for b in bypass])
+    dense = affine_head(split)
+    if dense is not None and tuple(masks.shape[1:3]) == (1, 1):  # static: channel masks
+        outputs = _affine_rows(dense, ablation_value, activation, masks, image, mask)
+    else:
+        rows = _ablate(ops.take(activation, image, axis=0), ops.take(masks, mask, axis=0),
+                       ablation_value)
+        outputs = split.head(rows, [ops.take(b, image, axis=0) for b in bypass])
     return target.score(outputs, per_row(params, image))
+
+
+def affine_head(split):
+    """The Dense layer of a head that is global average pooling, then (inference-time
+    identities: Dropout) one Dense layer whose activation is linear or removed (its logits),
+    with nothing bypassing the target: a head affine in the target activation, where a
+    channel mask's effect has a closed form. None for any other head."""
+    if split.tokens is not None or split.bypass or len(split.outputs) != 1:
+        return None
+    ops_ = [call.operation for call in split.head_calls]
+    if len(ops_) < 2 or not isinstance(ops_[0], keras.layers.GlobalAveragePooling2D) \
+            or ops_[0].keepdims or ops_[0].data_format != "channels_last":
+        return None
+    *middle, dense = ops_[1:]
+    if not isinstance(dense, keras.layers.Dense) or \
+            any(not isinstance(op, keras.layers.Dropout) for op in middle):
+        return None
+    removed = id(split.head_calls[-1]) in split.overrides
+    linear = dense.activation in (None, keras.activations.linear)
+    return dense if (linear or removed) and dense.lora_rank is None else None
+
+
+def _affine_rows(dense, ablation_value, activation, masks, image, mask):
+    # A GAP + Dense head with channel masks m (N, 1, 1, C): ablating sets a channel's cells
+    # to A (1 - m) + v m, which moves its pooled value p to p + (v - p) m; the head's output
+    # is then (p + (v - p) m) W + b, without materialising the ablated copies.
+    pooled = ops.mean(activation, axis=(1, 2))  # (k, C)
+    p = ops.take(pooled, image, axis=0)  # (R, C)
+    m = ops.cast(ops.take(masks, mask, axis=0)[:, 0, 0, :], p.dtype)
+    moved = p + (ops.cast(ablation_value, p.dtype) - p) * m
+    out = ops.matmul(moved, dense.kernel)
+    return ops.cast(out + dense.bias if dense.use_bias else out, "float32")
 
 
 def _ablate(activation, mask, ablation_value):

@@ -368,7 +368,7 @@ class Split:
                              f"explains single-input image models")
         self.layer, self.target = graph.resolve(layer)
         self.score = score
-        self._overrides: dict[int, Any] = {}
+        self.overrides: dict[int, Any] = {}
         #: the key of each model output as cam scores it (logits: the final softmax or sigmoid
         #: removed, per ``score``), its final activation if any, and its shape
         self.outputs, self.output_activations = [], []
@@ -435,7 +435,7 @@ class Split:
             if not hasattr(op, "activation") or isinstance(op, keras.layers.Activation):
                 output = last.arg_keys[0]  # the logits are the activation's input
             else:
-                self._overrides[id(last)] = _PreActivation(op)
+                self.overrides[id(last)] = _PreActivation(op)
         return output, activation
 
     def part_calls(self, part: str) -> list[Call]:
@@ -455,18 +455,29 @@ class Split:
                 seen.setdefault(id(variable), variable)
         return list(seen.values())
 
-    def bytes_per_row(self, part: str) -> int:
-        """Bytes one row (one image, or one perturbed copy) costs in ``part``: four per element
-        of every tensor its calls write, plus, for the head, its inputs (the target and the
-        bypass tensors). An upper bound (compilers reuse buffers) that the batching policy
-        (:mod:`cam.batching`) divides its budget by. Unknown dimensions count as 1."""
-        def size(shape):
-            return int(np.prod([d or 1 for d in shape[1:]]))
+    def bytes_per_row(self, part: str, backward: bool = False) -> int:
+        """Bytes one row (one image, or one perturbed copy) costs in ``part``, four per
+        element, what the batching policy (:mod:`cam.batching`) divides its budget by.
+        Unknown dimensions count as 1.
 
-        total = sum(size(spec.shape) for call in self.part_calls(part)
-                    for spec in call.out_specs)
-        if part == "head":
-            total += sum(size(self.graph.specs[k].shape) for k in [self.target, *self.bypass])
+        * The head (the ablated copies' part): its inputs (the target and the bypass tensors)
+          and every tensor its calls write: a small head keeps most of them alive at once.
+        * A forward pass of the trunk or the whole network frees each tensor once its last
+          reader ran: the largest call's inputs and outputs together bound what is live.
+        * ``backward=True``: a backward pass keeps every tensor the forward wrote."""
+        def size(spec):
+            return int(np.prod([d or 1 for d in spec.shape[1:]]))
+
+        specs = self.graph.specs
+        calls = self.part_calls(part)
+        if part == "head" or backward:
+            total = sum(size(spec) for call in calls for spec in call.out_specs)
+            if part == "head":
+                total += sum(size(specs[k]) for k in [self.target, *self.bypass])
+        else:
+            total = max((sum(size(specs[k]) for k in call.arg_keys if k in specs)
+                         + sum(size(spec) for spec in call.out_specs) for call in calls),
+                        default=1)
         return 4 * max(total, 1)
 
     def trunk(self, images) -> tuple[Any, list]:
@@ -488,7 +499,7 @@ class Split:
             activation = self.tokens.from_grid(activation, carried)
         values = {self.target: activation, **dict(zip(self.bypass, bypass))}
         for call in self.head_calls:
-            call.run(values, self._overrides.get(id(call)))
+            call.run(values, self.overrides.get(id(call)))
         return self._collect(values)
 
     def _collect(self, values):
@@ -508,7 +519,7 @@ class Split:
         """
         values = dict(zip(self.graph.input_keys, [images]))
         for call in self.graph.calls:
-            call.run(values, self._overrides.get(id(call)))
+            call.run(values, self.overrides.get(id(call)))
             if replace is not None and self.target in call.out_keys:
                 if self.tokens is None:
                     values[self.target] = replace(values[self.target])

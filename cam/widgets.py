@@ -186,8 +186,10 @@ class Explorer:
         if self._seconds_per_evaluation is None:
             return None
         whole = type(explainer).__name__ in ("Occlusion", "ScoreCAM") or explainer.mode == "full"
-        ratio = 1.0 if not whole else max(1.0, explainer.split.bytes_per_row("full")
-                                          / max(1, explainer.split.bytes_per_row("head")))
+        # the work of an evaluation, by the bytes it writes: the whole network against the head
+        split = explainer.split
+        ratio = 1.0 if not whole else max(1.0, split.bytes_per_row("full", backward=True)
+                                          / max(1, split.bytes_per_row("head", backward=True)))
         return self.evaluations(explainer) * self._seconds_per_evaluation * ratio
 
     # -- updating ------------------------------------------------------------------------

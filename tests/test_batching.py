@@ -55,15 +55,18 @@ def test_the_budget_comes_from_the_environment_then_the_device(monkeypatch):
     assert B.accelerator_free_bytes.__module__  # the real one: None on this CPU machine
 
 
-def test_bytes_per_row_counts_every_tensor_a_part_writes():
+def test_bytes_per_row_by_hand():
     """tiny_sequential at relu2 (5x5x6): the head is GAP (6) and Dense (3), plus its input
-    relu2 itself (150): 159 floats; the trunk writes conv1, relu1 (10x10x4 each), pool1
-    (5x5x4), conv2 and relu2 (5x5x6 each): 1200."""
+    relu2 itself (150): 159 floats. The trunk writes conv1, relu1 (10x10x4 each), pool1
+    (5x5x4), conv2 and relu2 (5x5x6 each): 1200 in all, kept for a backward pass; a forward
+    pass holds at most its largest call's input and output, relu1's 400 + 400."""
     model = build_tiny_sequential()
     split = cam.GradCAM(model, "relu2").split
     assert split.bytes_per_row("head") == 4 * (150 + 6 + 3)
-    assert split.bytes_per_row("trunk") == 4 * (400 + 400 + 100 + 150 + 150)
-    assert split.bytes_per_row("full") == 4 * (1200 + 6 + 3)
+    assert split.bytes_per_row("trunk") == split.bytes_per_row("full") == 4 * (400 + 400)
+    assert split.bytes_per_row("trunk", backward=True) == 4 * (400 + 400 + 100 + 150 + 150)
+    assert split.bytes_per_row("full", backward=True) == 4 * (1200 + 6 + 3)
+    assert split.bytes_per_row("head", backward=True) == split.bytes_per_row("head")
     # a head-only function reads (and on JAX is passed) the Dense kernel and bias only
     assert [id(v) for v in split.variables("head")] == \
         [id(v) for v in model.get_layer("logits").variables]
@@ -158,7 +161,8 @@ def test_gradient_methods_make_one_call_per_budgeted_chunk_and_one_host_copy(mon
     assert explainer._gradients.calls - before == 1  # 32 small images fit one call
     assert explainer._trunk.calls - trunk == 1
     # a budget of 5 rows of the backward pass: ceil(32 / 5) calls
-    monkeypatch.setenv("CAM_MEMORY_BUDGET", str(5 * 2 * explainer.split.bytes_per_row("head")))
+    monkeypatch.setenv("CAM_MEMORY_BUDGET",
+                       str(5 * explainer.split.bytes_per_row("head", backward=True)))
     before = explainer._gradients.calls
     explainer.explain(images)
     assert explainer._gradients.calls - before == math.ceil(N / 5)
@@ -179,3 +183,21 @@ def test_masks_are_made_once_per_grid_and_kept_on_the_device(monkeypatch):
     for _ in range(3):
         explainer(images)
     assert len(made) == 1
+
+
+def test_a_pooling_and_dense_head_scores_channel_masks_in_closed_form():
+    """Ablation-CAM after global average pooling and one Dense layer (logits): a channel
+    mask moves the pooled value p to p + (v - p) m, and the scores follow in closed form,
+    equal to rerunning the whole network."""
+    from cam.explainers import affine_head
+
+    model = build_dense_concat_model()  # relu2 -> GAP -> Dropout -> Dense(softmax)
+    assert affine_head(cam.AblationCAM(model, "relu2").split).name == "predictions"
+    assert affine_head(cam.AblationCAM(model, "relu1").split) is None  # a convolution after
+    assert affine_head(cam.AblationCAM(model, "relu2", score="probability").split) is None
+    images = random_images((10, 10, 3), 4, seed=6)
+    for value in (0.0, 1.5):
+        head = cam.AblationCAM(model, "relu2", ablation_value=value).explain(images)
+        full = cam.AblationCAM(model, "relu2", ablation_value=value, mode="full").explain(images)
+        np.testing.assert_allclose(head.raw, full.raw, rtol=1e-4,
+                                   atol=1e-4 * np.abs(full.raw).max())
