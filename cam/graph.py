@@ -460,24 +460,23 @@ class Split:
         element, what the batching policy (:mod:`cam.batching`) divides its budget by.
         Unknown dimensions count as 1.
 
-        * The head (the ablated copies' part): its inputs (the target and the bypass tensors)
-          and every tensor its calls write: a small head keeps most of them alive at once.
-        * A forward pass of the trunk or the whole network frees each tensor once its last
-          reader ran: the largest call's inputs and outputs together bound what is live.
+        * A forward pass frees each tensor once its last reader ran: the largest call's inputs
+          and outputs together bound what is live; through the head, the row's own inputs
+          (the ablated target and the bypass tensors) are live throughout as well.
         * ``backward=True``: a backward pass keeps every tensor the forward wrote."""
         def size(spec):
             return int(np.prod([d or 1 for d in spec.shape[1:]]))
 
         specs = self.graph.specs
         calls = self.part_calls(part)
-        if part == "head" or backward:
+        if backward:
             total = sum(size(spec) for call in calls for spec in call.out_specs)
-            if part == "head":
-                total += sum(size(specs[k]) for k in [self.target, *self.bypass])
         else:
             total = max((sum(size(specs[k]) for k in call.arg_keys if k in specs)
                          + sum(size(spec) for spec in call.out_specs) for call in calls),
                         default=1)
+        if part == "head":
+            total += sum(size(specs[k]) for k in [self.target, *self.bypass])
         return 4 * max(total, 1)
 
     def trunk(self, images) -> tuple[Any, list]:

@@ -56,17 +56,18 @@ def test_the_budget_comes_from_the_environment_then_the_device(monkeypatch):
 
 
 def test_bytes_per_row_by_hand():
-    """tiny_sequential at relu2 (5x5x6): the head is GAP (6) and Dense (3), plus its input
-    relu2 itself (150): 159 floats. The trunk writes conv1, relu1 (10x10x4 each), pool1
-    (5x5x4), conv2 and relu2 (5x5x6 each): 1200 in all, kept for a backward pass; a forward
-    pass holds at most its largest call's input and output, relu1's 400 + 400."""
+    """tiny_sequential at relu2 (5x5x6): through the head a row holds its ablated relu2
+    (150) and at most the largest call's input and output, GAP's 150 + 6; a backward pass
+    keeps GAP's 6 and Dense's 3 besides relu2. The trunk writes conv1, relu1 (10x10x4 each),
+    pool1 (5x5x4), conv2 and relu2 (5x5x6 each): 1200 in all, kept for a backward pass; a
+    forward pass holds at most its largest call's input and output, relu1's 400 + 400."""
     model = build_tiny_sequential()
     split = cam.GradCAM(model, "relu2").split
-    assert split.bytes_per_row("head") == 4 * (150 + 6 + 3)
+    assert split.bytes_per_row("head") == 4 * (150 + 150 + 6)
+    assert split.bytes_per_row("head", backward=True) == 4 * (150 + 6 + 3)
     assert split.bytes_per_row("trunk") == split.bytes_per_row("full") == 4 * (400 + 400)
     assert split.bytes_per_row("trunk", backward=True) == 4 * (400 + 400 + 100 + 150 + 150)
     assert split.bytes_per_row("full", backward=True) == 4 * (1200 + 6 + 3)
-    assert split.bytes_per_row("head", backward=True) == split.bytes_per_row("head")
     # a head-only function reads (and on JAX is passed) the Dense kernel and bias only
     assert [id(v) for v in split.variables("head")] == \
         [id(v) for v in model.get_layer("logits").variables]
