@@ -622,7 +622,8 @@ def _score_head(split, ablation_value, target, activation, bypass, masks, params
     # with one mask applied, through the head: (R,) target scores.
     image, mask = _rows(index, ops.shape(masks)[0], ops.shape(activation)[0])
     dense = affine_head(split)
-    if dense is not None and tuple(masks.shape[1:3]) == (1, 1):  # static: channel masks
+    channel = tuple(masks.shape[1:3]) == (1, 1)  # static shapes: channel or cell masks
+    if dense is not None and (channel or masks.shape[-1] == 1):
         outputs = _affine_rows(dense, ablation_value, activation, masks, image, mask)
     else:
         rows = _ablate(ops.take(activation, image, axis=0), ops.take(masks, mask, axis=0),
@@ -652,13 +653,22 @@ def affine_head(split):
 
 
 def _affine_rows(dense, ablation_value, activation, masks, image, mask):
-    # A GAP + Dense head with channel masks m (N, 1, 1, C): ablating sets a channel's cells
-    # to A (1 - m) + v m, which moves its pooled value p to p + (v - p) m; the head's output
-    # is then (p + (v - p) m) W + b, without materialising the ablated copies.
+    # A GAP + Dense head: ablating sets the activation to A (1 - m) + v m = A + (v - A) m,
+    # which moves the pooled value p by the mean over the grid of (v - A) m; the head's output
+    # is then (p + that) W + b, without materialising the ablated copies.
     pooled = ops.mean(activation, axis=(1, 2))  # (k, C)
     p = ops.take(pooled, image, axis=0)  # (R, C)
-    m = ops.cast(ops.take(masks, mask, axis=0)[:, 0, 0, :], p.dtype)
-    moved = p + (ops.cast(ablation_value, p.dtype) - p) * m
+    value = ops.cast(ablation_value, p.dtype)
+    if tuple(masks.shape[1:3]) == (1, 1):  # channel masks (N, 1, 1, C): (v - p) m
+        m = ops.cast(ops.take(masks, mask, axis=0)[:, 0, 0, :], p.dtype)
+        moved = p + (value - p) * m
+    else:  # cell masks (N, h, w, 1): per image and mask, sum_ij m_ij (v - A_ij) / hw
+        k, h, w, c = (ops.shape(activation)[i] for i in range(4))
+        n = ops.shape(masks)[0]
+        cells = ops.reshape(ops.cast(masks, p.dtype), (n, h * w))
+        shifts = ops.einsum("nq,bqc->bnc", cells, ops.reshape(value - activation, (k, h * w, c)))
+        shifts = ops.reshape(shifts, (k * n, c)) / ops.cast(h * w, p.dtype)
+        moved = p + ops.take(shifts, image * n + mask, axis=0)
     out = ops.matmul(moved, dense.kernel)
     return ops.cast(out + dense.bias if dense.use_bias else out, "float32")
 

@@ -187,9 +187,9 @@ def test_masks_are_made_once_per_grid_and_kept_on_the_device(monkeypatch):
 
 
 def test_a_pooling_and_dense_head_scores_channel_masks_in_closed_form():
-    """Ablation-CAM after global average pooling and one Dense layer (logits): a channel
-    mask moves the pooled value p to p + (v - p) m, and the scores follow in closed form,
-    equal to rerunning the whole network."""
+    """After global average pooling and one Dense layer (logits) an ablation moves the pooled
+    value p by the grid mean of (v - A) m (for a channel mask, (v - p) m), and the scores
+    follow in closed form, equal to rerunning the whole network."""
     from cam.explainers import affine_head
 
     model = build_dense_concat_model()  # relu2 -> GAP -> Dropout -> Dense(softmax)
@@ -197,8 +197,13 @@ def test_a_pooling_and_dense_head_scores_channel_masks_in_closed_form():
     assert affine_head(cam.AblationCAM(model, "relu1").split) is None  # a convolution after
     assert affine_head(cam.AblationCAM(model, "relu2", score="probability").split) is None
     images = random_images((10, 10, 3), 4, seed=6)
-    for value in (0.0, 1.5):
-        head = cam.AblationCAM(model, "relu2", ablation_value=value).explain(images)
-        full = cam.AblationCAM(model, "relu2", ablation_value=value, mode="full").explain(images)
-        np.testing.assert_allclose(head.raw, full.raw, rtol=1e-4,
-                                   atol=1e-4 * np.abs(full.raw).max())
+    # channel masks (Ablation-CAM), cell masks (FastAblationCAM) and float cell masks
+    # (ReciproCAM's Gaussian), each with two ablation values
+    for method, options in ((cam.AblationCAM, {}), (cam.FastAblationCAM, {"window": 2}),
+                            (cam.ReciproCAM, {"gaussian": True})):
+        for value in (0.0, 1.5):
+            head = method(model, "relu2", ablation_value=value, **options).explain(images)
+            full = method(model, "relu2", ablation_value=value, mode="full",
+                          **options).explain(images)
+            np.testing.assert_allclose(head.raw, full.raw, rtol=1e-4,
+                                       atol=1e-4 * np.abs(full.raw).max())
