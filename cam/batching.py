@@ -6,8 +6,8 @@ call form one list of rows. The list is cut into equal compiled calls, the last 
 call never sees a new shape and several images share a call whenever they fit.
 
 How many rows a call takes comes from a memory budget in bytes, divided by what one row
-costs: :meth:`cam.graph.Split.bytes_per_row`, four bytes per element of every tensor the
-scored part of the network writes for one row (an upper bound: a compiler reuses buffers).
+costs: :meth:`cam.graph.Split.bytes_per_row`, four bytes per element of what the scored part
+of the network holds for one row (see there).
 
 * On the CPU the budget is :data:`CPU_BUDGET`. On DenseNet-169's last layer (about 340 kB a
   row) that is some 790 rows a call, every ablation of about half an image.
