@@ -488,7 +488,7 @@ class TestErrors:
              "str", "bool"],
     )
     def test_targets_of_wrong_length_or_type(self, explainer, images, targets):
-        with pytest.raises(ValueError, match="targets must be None, an int, 2 ints \(one per image\)"):
+        with pytest.raises(ValueError, match=r"targets must be None, an int, 2 ints \(one per image\)"):
             explainer(images, targets=targets)
 
 

@@ -47,6 +47,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import keras
@@ -572,9 +573,10 @@ class SpeedStudy:
         # conv5_block32_2_conv), which would time and explain a different layer.
         rows = []
         with PeakMemory() as memory:
-            ms = median_ms(lambda: gradcam(score, self.images, penultimate_layer=layer,
-                                           seek_penultimate_conv_layer=False),
-                           self.repeats) / len(self.images)
+            with _quiet():
+                ms = median_ms(lambda: gradcam(score, self.images, penultimate_layer=layer,
+                                               seek_penultimate_conv_layer=False),
+                               self.repeats) / len(self.images)
         rows.append(self._add({
             "layer": layer, "grid": grid, "method": "tf-keras-vis Gradcam", "mode": "peer",
             "batch size": len(self.images), "evaluations/image": 1, "ms/image": ms,
@@ -693,13 +695,19 @@ class SpeedStudy:
 
 
 class _quiet:
-    """Silence Keras' per-call progress bar (tf-keras-vis calls ``predict`` with verbose=1)."""
+    """Silence Keras' per-call progress bar (tf-keras-vis calls ``predict`` with verbose=1)
+    and the warning Keras gives when tf-keras-vis calls a model with its inputs as a tuple."""
 
     def __enter__(self):
         self._devnull = open(os.devnull, "w")
         self._stdout, sys.stdout = sys.stdout, self._devnull
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="The structure of `inputs`",
+                                category=UserWarning)
 
     def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
         sys.stdout = self._stdout
         self._devnull.close()
 
