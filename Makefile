@@ -172,5 +172,13 @@ train: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/speed.py
 
+## Rebuild docs/findings.md's tables from results/polen23e/tables, then list misquoted numbers
+# (cam/study/tables.py: standard library only, so it needs no venv; exits 1 if a number in the
+# prose of docs/findings.md or README.md's findings is not in the table it cites)
+findings:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m cam.study.tables
+
+.PHONY: findings
+
 .PHONY: help venv test test-main test-core test-backends chromium test-browser data folds train reproduce demo lab benchmark force-rerun \
   reproduce-log-polen23e reproduce-log-synthetic
