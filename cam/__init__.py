@@ -17,7 +17,8 @@ command line answers ``--help`` and argument errors at once.
 import importlib
 
 #: Every method, registered here and nowhere else: the command-line name -> its class in
-#: :mod:`cam.methods`. The command line, :func:`cam.explain` and ``__all__`` follow from it.
+#: :mod:`cam.methods` (its name) or a class registered with :func:`register_method`. The
+#: command line, the explorer, :func:`cam.explain` and ``__all__`` follow from it.
 METHODS = {
     "gradcam": "GradCAM",
     "ablationcam": "AblationCAM",
@@ -31,6 +32,21 @@ METHODS = {
     "scorecam": "ScoreCAM",
 }
 
+
+def register_method(cls, key: str | None = None) -> str:
+    """Add an explainer class (a subclass of :class:`cam.Explainer`) to :data:`METHODS` under
+    ``key`` (default: its ``name`` lowercased without '-', '_' or '+'), so the command line,
+    the explorer and :func:`cam.explain` offer it. Returns the key."""
+    from .explainers import Explainer
+
+    if not (isinstance(cls, type) and issubclass(cls, Explainer)):
+        raise TypeError(f"register_method takes a subclass of cam.Explainer, got {cls!r}")
+    key = key or cls.name.lower().replace("+", "plus").replace("-", "").replace("_", "")
+    if key in METHODS and METHODS[key] not in (cls, cls.__name__):
+        raise ValueError(f"method {key!r} is already registered ({METHODS[key]}); "
+                         f"pass another key")
+    METHODS[key] = cls
+    return key
 
 
 def method_key(method: str) -> str:
@@ -46,11 +62,13 @@ _EXPORTS = {
     **{name: "methods" for name in METHODS.values()},
     "Explainer": "explainers",
     "Explanation": "explainers",
-    "GradientExplainer": "explainers",
-    "AblationExplainer": "explainers",
+    "Setting": "explainers",
+    "GradientExplainer": "gradient",
+    "PerturbationExplainer": "perturbation",
+    "AblationExplainer": "perturbation",
     "explain": "methods",
     "method_class": "methods",
-    "release": "explainers",
+    "release": "cache",
     "Features": "explainers",
     "targets": None,
     "allow_tf32": "backend",
@@ -60,7 +78,7 @@ _EXPORTS = {
     "candidate_layers": "graph",
     "layer_table": "graph",
 }
-__all__ = sorted([*_EXPORTS, "METHODS", "method_key"])
+__all__ = sorted([*_EXPORTS, "METHODS", "method_key", "register_method"])
 __version__ = "0.2.0"
 
 

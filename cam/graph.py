@@ -464,20 +464,8 @@ class Split:
           and outputs together bound what is live; through the head, the row's own inputs
           (the ablated target and the bypass tensors) are live throughout as well.
         * ``backward=True``: a backward pass keeps every tensor the forward wrote."""
-        def size(spec):
-            return int(np.prod([d or 1 for d in spec.shape[1:]]))
-
-        specs = self.graph.specs
-        calls = self.part_calls(part)
-        if backward:
-            total = sum(size(spec) for call in calls for spec in call.out_specs)
-        else:
-            total = max((sum(size(specs[k]) for k in call.arg_keys if k in specs)
-                         + sum(size(spec) for spec in call.out_specs) for call in calls),
-                        default=1)
-        if part == "head":
-            total += sum(size(specs[k]) for k in [self.target, *self.bypass])
-        return 4 * max(total, 1)
+        live = [self.target, *self.bypass] if part == "head" else []
+        return calls_bytes_per_row(self.part_calls(part), self.graph.specs, live, backward)
 
     def trunk(self, images) -> tuple[Any, list]:
         """Target activation and bypass tensors for a batch of images."""
@@ -497,14 +485,15 @@ class Split:
             carried, bypass = bypass[:self.tokens.carried], bypass[self.tokens.carried:]
             activation = self.tokens.from_grid(activation, carried)
         values = {self.target: activation, **dict(zip(self.bypass, bypass))}
-        for call in self.head_calls:
-            call.run(values, self.overrides.get(id(call)))
-        return self._collect(values)
+        return self.run(self.head_calls, values)
 
-    def _collect(self, values):
-        """The model's outputs as scored: one tensor, or a list for a multi-output model (an
-        output the target layer does not reach is still computed, in the head from the
-        bypass tensors)."""
+    def run(self, calls: Sequence[Call], values: dict) -> Any:
+        """Run ``calls`` (some of the head's, in order) on ``values`` (key -> tensor), with
+        the output activation removed where ``score`` asks, and collect the model's outputs
+        as scored: one tensor, or a list for a multi-output model (an output the target layer
+        does not reach is still computed, in the head from the bypass tensors)."""
+        for call in calls:
+            call.run(values, self.overrides.get(id(call)))
         outputs = [_as_float32(values[k]) for k in self.outputs]
         return outputs[0] if len(outputs) == 1 else outputs
 
@@ -525,7 +514,25 @@ class Split:
                 else:
                     grid, carried = self.tokens.to_grid(values[self.target])
                     values[self.target] = self.tokens.from_grid(replace(grid), carried)
-        return self._collect(values)
+        outputs = [_as_float32(values[k]) for k in self.outputs]
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def calls_bytes_per_row(calls: Sequence[Call], specs: dict, live: Sequence = (),
+                        backward: bool = False) -> int:
+    """Bytes per row of running ``calls`` (see :meth:`Split.bytes_per_row`): the largest
+    call's inputs and outputs, or with ``backward`` every output; plus the tensors of ``live``
+    (keys into ``specs``), which stay live throughout."""
+    def size(spec):
+        return int(np.prod([d or 1 for d in spec.shape[1:]]))
+
+    if backward:
+        total = sum(size(spec) for call in calls for spec in call.out_specs)
+    else:
+        total = max((sum(size(specs[k]) for k in call.arg_keys if k in specs)
+                     + sum(size(spec) for spec in call.out_specs) for call in calls), default=1)
+    total += sum(size(specs[k]) for k in live)
+    return 4 * max(total, 1)
 
 
 def _output_names(graph: "LayerGraph") -> list[str]:

@@ -249,6 +249,22 @@ def normalize_maps(maps: np.ndarray, threshold=0.0) -> np.ndarray:
     return shifted / scale.reshape((-1,) + (1,) * (maps.ndim - 1))
 
 
+def minmax_maps(maps: np.ndarray, threshold=0.0) -> np.ndarray:
+    """pytorch-grad-cam's scaling: ReLU (or ``threshold``, as in :func:`normalize_maps`),
+    then each map min-max scaled, (m - min m) / (max m - min m + 1e-7).
+
+    It differs from :func:`normalize_maps` where a map's minimum after ReLU is above 0 (every
+    cell has some evidence): min-max sends that minimum to 0, dividing by the maximum keeps it.
+    The 1e-7 is pytorch-grad-cam's, so a constant map becomes all zeros.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
+    clipped = np.maximum(maps, threshold_levels(maps, threshold).reshape(shape))
+    flat = clipped.reshape(len(maps), -1)
+    low, high = flat.min(axis=1).reshape(shape), flat.max(axis=1).reshape(shape)
+    return ((clipped - low) / (high - low + np.float32(1e-7))).astype(np.float32)
+
+
 def upsample_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of (B, h, w) maps to (B, H, W), pixel-centre aligned.
 

@@ -1,12 +1,14 @@
-"""The CAM methods, each a short class on a template of :mod:`cam.explainers`.
+"""The CAM methods, each a short class on a template: :mod:`cam.gradient` for Grad-CAM and
+its family, :mod:`cam.perturbation` for the methods that perturb the layer or the input.
 
-A new method is a class here and one line in ``cam.METHODS`` (``cam/__init__.py``); the
-command line, :func:`cam.explain` and ``cam.__all__`` pick it up from there.
+A new method is a class here (or anywhere) and one entry in ``cam.METHODS``
+(:func:`cam.register_method`); the command line, the explorer, :func:`cam.explain` and
+``cam.__all__`` pick it up from there. A method declares its tunable settings
+(:attr:`~cam.explainers.Explainer.SETTINGS`) and its cost
+(:attr:`~cam.explainers.Explainer.evaluations_per_image`).
 """
 
 from __future__ import annotations
-
-from dataclasses import fields
 
 import numpy as np
 from keras import ops
@@ -14,10 +16,9 @@ from keras import ops
 from . import backend as B
 from . import combine as C
 from . import maps as M
-from . import targets as T
-from .explainers import (AblationExplainer, Explainer, GradientExplainer,
-                         check_batch_size, per_row, score_rows)
-from .graph import LayerGraph, Split
+from .explainers import Setting, check_int, is_int
+from .gradient import GradientExplainer
+from .perturbation import AblationExplainer, PerturbationExplainer
 
 
 class GradCAM(GradientExplainer):
@@ -30,72 +31,6 @@ class GradCAM(GradientExplainer):
         return C.gradcam_weights(gradients)
 
 
-class AblationCAM(AblationExplainer):
-    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
-
-    Each channel k of the target layer is set to ``ablation_value`` in turn; its weight is the
-    relative drop of the class score, w_k = (y - y_k) / y, and the map is sum_k w_k A_k.
-    C evaluations of the head per image.
-    """
-
-    name = "Ablation-CAM"
-
-    def masks(self, grid_shape):
-        channels = grid_shape[-1]
-        return np.eye(channels, dtype=bool)[:, None, None, :]
-
-    def combine(self, activation, scores, ablated, masks):
-        return C.weighted_channel_sum(activation, C.ablation_weights(scores, ablated))
-
-
-class FastAblationCAM(AblationExplainer):
-    """FastAblationCAM: ablate every channel in one window of the grid at a time.
-
-    All channels in a ``window`` x ``window`` block of cells are set to ``ablation_value``;
-    blocks step by ``stride`` (default ``window``), the last block in each direction is shifted
-    back to end at the edge, and each cell gets the mean score drop y - y_ablated of the blocks
-    that cover it. That drop is the map itself (no channel weighting). About
-    (h / stride) * (w / stride) evaluations of the head per image instead of C. On a token
-    layer (a ViT) a cell is a patch token, so ``window=1`` ablates one token at a time.
-    """
-
-    name = "FastAblationCAM"
-
-    def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=None,
-                 ablation_value=0.0, mode="head", reshape=None, fuse=None):
-        super().__init__(model, layer=layer, score=score, batch_size=batch_size,
-                         ablation_value=ablation_value, mode=mode, reshape=reshape, fuse=fuse)
-        h, w = self.split.target_shape[:2]
-        for name, value in (("window", window), ("stride", stride)):
-            if (value is not None or name == "window") and \
-                    (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        grid = [d for d in (h, w) if d is not None]
-        if grid and window > min(grid):
-            raise ValueError(f"window {window} is larger than layer {self.layer!r}'s "
-                             f"{h}x{w} grid; use 1..{min(grid)}")
-        stride = window if stride is None else stride
-        if not 1 <= stride <= window:
-            raise ValueError(f"stride must be between 1 and window ({window}) so that every "
-                             f"cell is ablated at least once, got {stride}")
-        self.window, self.stride = int(window), int(stride)
-
-    def mask_settings(self):
-        return (self.window, self.stride)
-
-    def masks(self, grid_shape):
-        h, w = grid_shape[:2]
-        if self.window > min(h, w):
-            raise ValueError(f"window {self.window} is larger than the {h}x{w} grid of layer "
-                             f"{self.layer!r} for these images")
-        return M.window_masks((h, w), self.window, self.stride)[..., None]
-
-    def combine(self, activation, scores, ablated, masks):
-        return C.spread_window_drops(ops.expand_dims(scores, 1) - ablated, masks[..., 0])
-
-
 class GradCAMPlusPlus(GradientExplainer):
     """Grad-CAM++ (Chattopadhay et al., WACV 2018, eq. 19): w_k = sum_ij alpha_ij^k
     relu(dy/dA_ij^k), with the closed-form alpha_ij^k = g^2 / (2 g^2 + sum_ab A_ab^k g^3),
@@ -106,6 +41,12 @@ class GradCAMPlusPlus(GradientExplainer):
     every weight of an image by the same factor, so, as the common implementations do, the
     weights are computed from the first-order gradient of the explainer's ``score`` alone
     (the logit by default, the probability with ``score="probability"``).
+
+    Against pytorch-grad-cam: it adds 1e-6 to alpha's denominator (and sets alpha to 0 where
+    the gradient is 0); this class uses the exact closed form. At realistic gradient sizes
+    (|g| around 1e-3 to 1e-2, g^2 around 1e-6 to 1e-4) that epsilon is comparable to the
+    denominator itself, so the two weightings differ by more than rounding; pass the same
+    gradients to both to compare.
     """
 
     name = "Grad-CAM++"
@@ -146,312 +87,69 @@ class HiResCAM(GradientExplainer):
         return gradients
 
 
-# --------------------------------------------------------------------------- perturbation
-# Methods that perturb the input image and score every perturbed copy with the whole model.
+class AblationCAM(AblationExplainer):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-class _InputTarget(LayerGraph):
-    """A model's layer graph whose target is the model input itself: the :class:`Split` it
-    gives has the identity as its trunk and the whole model as its head."""
-
-    def resolve(self, layer):
-        return "input", self.input_keys[0]
-
-
-class Occlusion(Explainer):
-    """Occlusion (Zeiler & Fergus, ECCV 2014, Sec. 4.2): the score drop when a patch of the
-    input image is hidden.
-
-    A ``window`` x ``window`` patch of pixels (every channel) is set to ``baseline``; patches
-    step by ``stride`` (default ``window``), the last one in each direction shifted back to end
-    at the image's edge, and each pixel gets the mean score drop y - y_occluded of the patches
-    that cover it. Every occluded image goes through the whole model, in fixed-size batches of
-    ``batch_size``. About (H / stride) * (W / stride) evaluations per image
-    (:attr:`evaluations_per_image`).
-
-    The map is on the input's grid: ``upsample=False`` returns (B, H, W) maps, and
-    ``Explanation.layer`` is ``"input"``.
-
-    Parameters
-    ----------
-    window : None or int
-        Side of the square patch in pixels. None (the default) picks the shorter image side
-        divided by 14, at least 1: 16 pixels at 224 x 224, a 14 x 14 grid of patches.
-    stride : None or int
-        Step between patches, 1..window (None: ``window``, non-overlapping patches).
-    baseline : float or sequence of floats
-        What hidden pixels are set to, in the units of the model's input (one number, or one
-        per input channel): 0 is black for a model that takes raw pixels and rescales inside,
-        the dataset mean is a grey patch for a model that takes mean-subtracted input.
-    layer, mode, reshape
-        Accepted so every method is built the same way and checked as for every method (the
-        base class splits the model at ``layer``, so the model needs one layer with a spatial
-        grid), but not used: the occlusion perturbs pixels and always runs the whole model.
+    Each channel k of the target layer is set to ``ablation_value`` in turn; its weight is the
+    relative drop of the class score, w_k = (y - y_k) / y, and the map is sum_k w_k A_k.
+    C evaluations of the head per image.
     """
 
-    name = "Occlusion"
-    #: With ``window=None`` the patch is the shorter image side divided by this (16 at 224).
-    PATCHES_PER_SIDE = 14
+    name = "Ablation-CAM"
+    MASK_KIND = "channel"
 
-    def __init__(self, model, layer=None, window=None, stride=None, baseline=0.0,
-                 score="logit", batch_size=None, mode="head", reshape=None):
-        super().__init__(model, layer=layer, score=score, mode=mode, reshape=reshape)
-        # Explain on the input: the trunk is the identity and the head the whole model.
-        graph = self.split.graph
-        self.split = Split(model, None, score,
-                           graph=_InputTarget(**{f.name: getattr(graph, f.name)
-                                                 for f in fields(graph)}))
-        self.layer = self.split.layer
-        #: Occluded images per compiled call at most (None: from the memory budget).
-        self.batch_size = check_batch_size(batch_size) or self.rows_per_call("full")
-        self._device_masks: dict = {}
-        if window is not None and (not _is_int(window) or window < 1):
-            raise ValueError(f"window must be None (automatic) or an int >= 1, got {window!r}")
-        if stride is not None and (not _is_int(stride) or stride < 1
-                                   or window is not None and stride > window):
-            bound = "window" if window is None else f"window ({window})"
-            raise ValueError(f"stride must be None or an int between 1 and {bound} so that "
-                             f"every pixel is occluded at least once, got {stride!r}")
-        self.window = None if window is None else int(window)
-        self.stride = None if stride is None else int(stride)
-        channels = self.split.graph.input_specs[0].shape[-1]
-        self.baseline = self._check_baseline(baseline, channels)
-        size = tuple(self.split.graph.input_specs[0].shape[1:3])
-        if None not in size:
-            self.geometry(size)  # a window that cannot fit the model's input fails here
-        self._occluded = self.occluding_function(T.Class(0))
+    def masks(self, grid_shape):
+        channels = grid_shape[-1]
+        return np.eye(channels, dtype=bool)[:, None, None, :]
 
-    @staticmethod
-    def _check_baseline(baseline, channels):
-        wanted = (f"a finite number or {channels} finite numbers (one per input channel)"
-                  if channels is not None else "a finite number or one per input channel")
-        try:
-            if isinstance(baseline, (str, bytes, bool)):
-                raise TypeError
-            value = np.asarray(baseline, dtype=np.float64)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or value.ndim > 1 or not np.isfinite(value).all() or (
-                value.ndim == 1 and (len(value) == 0 or channels is not None
-                                     and len(value) != channels)):
-            raise ValueError(f"baseline must be {wanted}, got {baseline!r}")
-        return float(value) if value.ndim == 0 else tuple(float(v) for v in value)
-
-    def __repr__(self) -> str:
-        return (f"{super().__repr__()[:-1]}, window={self.window!r}, stride={self.stride!r}, "
-                f"baseline={self.baseline!r})")
-
-    def geometry(self, size: tuple[int, int]) -> tuple[int, int]:
-        """(window, stride) in pixels for images of ``size`` (H, W)."""
-        h, w = size
-        window = self.window if self.window is not None else \
-            max(1, min(h, w) // self.PATCHES_PER_SIDE)
-        if window > min(h, w):
-            raise ValueError(f"window {window} is larger than the {h}x{w} input images; use "
-                             f"1..{min(h, w)}")
-        stride = window if self.stride is None else self.stride
-        if stride > window:
-            raise ValueError(f"stride must be between 1 and window ({window}) so that every "
-                             f"pixel is occluded at least once, got {stride}")
-        return window, stride
-
-    def masks(self, size: tuple[int, int]) -> np.ndarray:
-        """One boolean (H, W) mask per occluded patch, (N, H, W); True pixels are occluded."""
-        return M.window_masks(tuple(size), *self.geometry(size))
-
-    @property
-    def evaluations_per_image(self) -> int:
-        """Occluded images scored per image (whole-model passes)."""
-        return self.evaluations(tuple(self.split.graph.input_specs[0].shape[1:3]))
-
-    def evaluations(self, size: tuple[int, int]) -> int:
-        """Occlusions per image for images of ``size`` (H, W)."""
-        if any(d is None for d in size):
-            raise ValueError(f"model {self.model.name!r} takes images of any size, so the number "
-                             f"of occlusions depends on the image size; call "
-                             f"evaluations((H, W)) with a known size")
-        h, w = size
-        window, stride = self.geometry(size)
-        return len(M.window_starts(h, window, stride)) * len(M.window_starts(w, window, stride))
-
-    def occluding_function(self, target) -> B.Compiled:
-        """The compiled scoring of occluded images for ``target``'s kind, shared by every
-        Occlusion on the model."""
-        split = self.split
-        return self.shared_compiled(("occluded", target.key),
-                                    lambda: lambda *a: _occluded_scores(split, target, *a))
-
-    def device_masks(self, size: tuple[int, int]):
-        """The :meth:`masks` for images of ``size`` on the device, made once per size."""
-        key = (tuple(int(d) for d in size), self.window, self.stride)
-        if key not in self._device_masks:
-            self._device_masks[key] = B.tensor(self.masks(key[0]))
-        return self._device_masks[key]
-
-    def _baseline(self, images):
-        """The baseline as one value per input channel (one shape for every Occlusion, which
-        share a compiled function)."""
-        channels = ops.shape(images)[-1]
-        return B.tensor(np.broadcast_to(np.asarray(self.baseline, np.float32), (channels,)))
-
-    def occluded_scores(self, images, masks, targets) -> np.ndarray:
-        """The class scores of each image with each of ``masks`` (N, H, W) occluded, (B, N) on
-        the host, ``batch_size`` occluded images a call: for timing and inspecting."""
-        images = self._check_images(images)
-        masks = B.tensor(np.asarray(masks, bool))
-        return B.numpy(score_rows(self._occluded, len(images), ops.shape(masks)[0],
-                                  self.batch_size, B.tensor(images), masks,
-                                  self._baseline(images),
-                                  {"k": B.tensor(np.asarray(targets), "int32")}))
-
-    def raw_maps(self, images, activation, bypass, target, params, scores):
-        masks = self.device_masks(ops.shape(images)[1:3])
-        occluded = score_rows(self.occluding_function(target), ops.shape(images)[0],
-                              ops.shape(masks)[0], self.batch_size, images, masks,
-                              self._baseline(images), params, desc=self.name)
-        return C.spread_window_drops(ops.expand_dims(scores, 1) - occluded, masks)
+    def combine(self, activation, scores, ablated, masks):
+        return C.weighted_channel_sum(activation, C.ablation_weights(scores, ablated))
 
 
-def _occluded_scores(split, target, images, masks, baseline, params, index):
-    # images (k, H, W, C); masks (N, H, W) bool; baseline () or (C,); index (R,) rows of the
-    # (image, mask) list: the class score of each occluded image, (R,)
-    count, n = ops.shape(images)[0], ops.shape(masks)[0]
-    image, mask = ops.minimum(index // n, count - 1), index % n
-    occluded = ops.where(ops.take(masks, mask, axis=0)[..., None],
-                         ops.cast(baseline, images.dtype), ops.take(images, image, axis=0))
-    return target.score(split.full(occluded), per_row(params, image))
+class FastAblationCAM(AblationExplainer):
+    """FastAblationCAM: ablate every channel in one window of the grid at a time.
 
-
-class ScoreCAM(Explainer):
-    """Score-CAM (Wang et al., CVPR Workshops 2020, Algorithm 1): channels weighted by the
-    class score of the image masked with them.
-
-    Each channel A_k of the target layer is upsampled bilinearly to the image size
-    (pixel-centre aligned, :func:`cam.maps.upsample_maps`) and min-max normalised to a mask
-    H_k in [0, 1] (a constant channel gives an all-zero mask); the image times H_k goes
-    through the whole model, in fixed-size batches of ``batch_size``, and its class score s_k
-    is channel k's evidence. As in the paper's Algorithm 1, the weights are a softmax over
-    the channels, w = softmax_k(s_k) (the paper subtracts the score of a baseline image first,
-    the same for every channel, which a softmax ignores); the map is sum_k w_k A_k, and
-    normalising applies the paper's ReLU. C evaluations per image, or ``channels``.
-
-    ``score`` is the library's default, the logit, unless ``score="probability"``. The
-    paper's score f is the model's softmax output; the authors' code (haofanwang/Score-CAM)
-    takes the probability of the masked image as the weight directly, with no softmax over
-    channels, while pytorch-grad-cam applies the channel softmax to the logit, as this class
-    does by default. Probabilities lie in [0, 1], so their channel softmax gives nearly even
-    weights (exp(p) is between 1 and e); the logits keep the channels apart.
-
-    Parameters
-    ----------
-    channels : None or int
-        None uses every channel. An int N keeps, per image, only the N channels whose
-        activation varies most over the grid (largest spatial variance, as Faster Score-CAM
-        does); the others get weight 0 and the softmax runs over the N kept channels.
-        :attr:`channels_used` and ``repr`` state it.
-    mode : "head" or "full"
-        Checked as for every method; the masked images always run through the whole model
-        (``"full"`` takes the unmasked scores from the whole model as well).
+    All channels in a ``window`` x ``window`` block of cells are set to ``ablation_value``;
+    blocks step by ``stride`` (default ``window``), the last block in each direction is shifted
+    back to end at the edge, and each cell gets the mean score drop y - y_ablated of the blocks
+    that cover it. That drop is the map itself (no channel weighting). About
+    (h / stride) * (w / stride) evaluations of the head per image instead of C. On a token
+    layer (a ViT) a cell is a patch token, so ``window=1`` ablates one token at a time.
     """
 
-    name = "Score-CAM"
+    name = "FastAblationCAM"
 
-    def __init__(self, model, layer=None, score="logit", batch_size=None, channels=None,
-                 mode="head", reshape=None):
-        super().__init__(model, layer=layer, score=score, mode=mode, reshape=reshape)
-        #: Masked images per compiled call at most (None: from the memory budget).
-        self.batch_size = check_batch_size(batch_size) or self.rows_per_call("full")
-        total = self.split.target_shape[-1]
-        if channels is not None and (not _is_int(channels) or channels < 1
-                                     or total is not None and channels > total):
-            raise ValueError(f"channels must be None (every channel) or an int between 1 and "
-                             f"{total} (layer {self.layer!r} has {total} channels), "
-                             f"got {channels!r}")
-        self.channels = None if channels is None else int(channels)
-        self._masked = self.masking_function(T.Class(0))
-        self._resize: dict = {}
+    SETTINGS = (Setting("window", int, 1, "side of the ablated block, in grid cells", low=1),
+                Setting("stride", int, None, "step between blocks (None: the window)", low=1))
+    MASK_KIND = "cell"
 
-    @property
-    def channels_used(self) -> int:
-        """Channels scored per image: ``channels``, or every channel of the target layer."""
-        return self.channels if self.channels is not None else self.split.target_shape[-1]
+    def __init__(self, model, layer=None, score="logit", window=1, stride=None, batch_size=None,
+                 ablation_value=0.0, mode="head", reshape=None, fuse=None):
+        window = check_int("window", window)
+        stride = check_int("stride", window if stride is None else stride, high=window,
+                           why=f" (the window is {window}) so that every cell is ablated at "
+                               f"least once")
+        super().__init__(model, layer=layer, score=score, batch_size=batch_size,
+                         ablation_value=ablation_value, mode=mode, reshape=reshape, fuse=fuse)
+        grid = [d for d in self.split.target_shape[:2] if d is not None]
+        if grid and window > min(grid):
+            h, w = self.split.target_shape[:2]
+            raise ValueError(f"window {window} is larger than layer {self.layer!r}'s "
+                             f"{h}x{w} grid; use 1..{min(grid)}")
+        self.window, self.stride = window, stride
 
-    @property
-    def evaluations_per_image(self) -> int:
-        """Masked images scored per image (whole-model passes): one per channel used."""
-        return self.channels_used
+    def mask_settings(self):
+        return (self.window, self.stride)
 
-    def __repr__(self) -> str:
-        return (f"{super().__repr__()[:-1]}, channels={self.channels_used} of "
-                f"{self.split.target_shape[-1]})")
+    def masks(self, grid_shape):
+        h, w = grid_shape[:2]
+        if self.window > min(h, w):
+            raise ValueError(f"window {self.window} is larger than the {h}x{w} grid of layer "
+                             f"{self.layer!r} for these images")
+        return M.window_masks((h, w), self.window, self.stride)[..., None]
 
-    def selected_channels(self, activation):
-        """Indices of the channels scored per image, (B, channels used), on the device: every
-        channel, or the ``channels`` of largest spatial variance (largest first; the NumPy
-        reference is :func:`cam.maps.top_variance_channels`)."""
-        count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
-        if self.channels is None:
-            return ops.broadcast_to(ops.arange(total, dtype="int32")[None], (count, total))
-        variance = ops.var(ops.reshape(activation, (count, -1, total)), axis=1)
-        return ops.cast(ops.top_k(variance, self.channels, sorted=True)[1], "int32")
-
-    def masking_function(self, target) -> B.Compiled:
-        """The compiled scoring of masked images for ``target``'s kind, shared by every
-        Score-CAM on the model and layer."""
-        split = self.split
-        return self.shared_compiled(("masked", target.key),
-                                    lambda: lambda *a: _masked_scores(split, target, *a))
-
-    def resize_matrices(self, grid: tuple[int, int], size: tuple[int, int]) -> tuple:
-        """(H x h, W x w) matrices that upsample an (h, w) map to (H, W) as R_h A R_w^T, on the
-        device: exactly :func:`cam.maps.upsample_maps` (bilinear, pixel-centre aligned), which
-        builds them by upsampling the unit maps. Made once per grid and size."""
-        key = (tuple(int(d) for d in grid), tuple(int(d) for d in size))
-        if key not in self._resize:
-            matrices = []
-            for cells, pixels in zip(*key):
-                units = np.eye(cells, dtype=np.float32)[:, :, None]  # unit maps (cells, 1)
-                matrices.append(B.tensor(M.upsample_maps(units, (pixels, 1))[:, :, 0].T))
-            self._resize[key] = tuple(matrices)
-        return self._resize[key]
-
-    def raw_maps(self, images, activation, bypass, target, params, scores):
-        count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
-        chosen = self.selected_channels(activation)
-        used = ops.shape(chosen)[1]
-        rows_h, rows_w = self.resize_matrices(ops.shape(activation)[1:3], ops.shape(images)[1:3])
-        channels = ops.reshape(ops.transpose(activation, (0, 3, 1, 2)),
-                               (count * total, *ops.shape(activation)[1:3]))
-        flat = ops.reshape(chosen + ops.arange(count, dtype="int32")[:, None] * total, (-1,))
-        masked = score_rows(self.masking_function(target), count, used, self.batch_size, images,
-                            channels, flat, rows_h, rows_w, params, desc=self.name)
-        weights = ops.einsum("bk,bkc->bc", C.scorecam_weights(masked),
-                             ops.one_hot(chosen, total, dtype="float32"))
-        return C.weighted_channel_sum(activation, weights)
-
-
-def _masked_scores(split, target, images, channels, flat, rows_h, rows_w, params, index):
-    # images (k, H, W, C); channels (k * C', h, w) every image's channels; flat (k * used,)
-    # the channel of each (image, mask) row; index (R,) this call's rows: the class score of
-    # each image times its channel's upsampled, min-max normalised map, (R,)
-    count = ops.shape(images)[0]
-    used = ops.shape(flat)[0] // count
-    image = ops.minimum(index // used, count - 1)
-    grid = ops.take(channels, ops.take(flat, ops.minimum(index, count * used - 1), axis=0),
-                    axis=0)
-    up = ops.einsum("Hh,rhw,Ww->rHW", rows_h, grid, rows_w)
-    low = ops.min(up, axis=(1, 2), keepdims=True)
-    high = ops.max(up, axis=(1, 2), keepdims=True)
-    flat_grid = ops.reshape(grid, (ops.shape(grid)[0], -1))
-    constant = ops.logical_or(high <= low, ops.reshape(
-        ops.min(flat_grid, axis=1) == ops.max(flat_grid, axis=1), (-1, 1, 1)))
-    mask = ops.where(constant, 0.0, (up - low) / ops.where(constant, 1.0, high - low))
-    masked = ops.take(images, image, axis=0) * mask[..., None]
-    return target.score(split.full(masked), per_row(params, image))
+    def combine(self, activation, scores, ablated, masks):
+        return C.spread_window_drops(ops.expand_dims(scores, 1) - ablated, masks[..., 0])
 
 
 class ReciproCAM(AblationExplainer):
@@ -485,6 +183,8 @@ class ReciproCAM(AblationExplainer):
     """
 
     name = "ReciproCAM"
+    SETTINGS = (Setting("gaussian", bool, False, "spread each kept cell with a 3x3 Gaussian"),)
+    MASK_KIND = "cell"
 
     def __init__(self, model, layer=None, score="logit", gaussian=False, batch_size=None,
                  ablation_value=0.0, mode="head", reshape=None, fuse=None):
@@ -505,6 +205,241 @@ class ReciproCAM(AblationExplainer):
         return ops.reshape(ablated, ops.shape(activation)[:3])
 
 
+
+
+class Occlusion(PerturbationExplainer):
+    """Occlusion (Zeiler & Fergus, ECCV 2014, Sec. 4.2): the score drop when a patch of the
+    input image is hidden.
+
+    A ``window`` x ``window`` patch of pixels (every channel) is set to ``baseline``; patches
+    step by ``stride`` (default ``window``), the last one in each direction shifted back to end
+    at the image's edge, and each pixel gets the mean score drop y - y_occluded of the patches
+    that cover it. Every occluded image goes through the whole model, ``batch_size`` a call.
+    About (H / stride) * (W / stride) evaluations per image (:attr:`evaluations_per_image`).
+
+    The map is on the input's grid: ``upsample=False`` returns (B, H, W) maps, and
+    ``Explanation.layer`` is ``"input"``.
+
+    Parameters
+    ----------
+    window : None or int
+        Side of the square patch in pixels. None (the default) picks the shorter image side
+        divided by 14, at least 1: 16 pixels at 224 x 224, a 14 x 14 grid of patches.
+    stride : None or int
+        Step between patches, 1..window (None: ``window``, non-overlapping patches).
+    baseline : float or sequence of floats
+        What hidden pixels are set to, in the units of the model's input (one number, or one
+        per input channel): 0 is black for a model that takes raw pixels and rescales inside,
+        the dataset mean is a grey patch for a model that takes mean-subtracted input.
+    layer, mode, reshape
+        Where the trunk pass that gives the model's scores is cut (a layer with a spatial
+        grid; explainers at that layer can share it, ``explain(features=...)``); the
+        occluded images always run through the whole model.
+    """
+
+    name = "Occlusion"
+    SETTINGS = (Setting("window", int, None, "side of the patch, in pixels (None: H / 14)",
+                        low=1),
+                Setting("stride", int, None, "step between patches (None: the window)", low=1),
+                Setting("baseline", float, 0.0, "what hidden pixels are set to"))
+    APPLIES_TO = "input"
+    #: With ``window=None`` the patch is the shorter image side divided by this (16 at 224).
+    PATCHES_PER_SIDE = 14
+
+    def __init__(self, model, layer=None, window=None, stride=None, baseline=0.0,
+                 score="logit", batch_size=None, mode="head", reshape=None):
+        window = check_int("window", window, allow_none=True, none="automatic")
+        if stride is not None and (not is_int(stride) or stride < 1
+                                   or window is not None and stride > window):
+            bound = "window" if window is None else f"window ({window})"
+            raise ValueError(f"stride must be None or an int between 1 and {bound} so that "
+                             f"every pixel is occluded at least once, got {stride!r}")
+        super().__init__(model, layer, score, mode, reshape, batch_size)
+        self.window, self.stride = window, stride
+        channels = self.split.graph.input_specs[0].shape[-1]
+        self.baseline = _check_baseline(baseline, channels)
+        size = tuple(self.split.graph.input_specs[0].shape[1:3])
+        if None not in size:
+            self.geometry(size)  # a window that cannot fit the model's input fails here
+        self.layer = "input"
+
+    def geometry(self, size: tuple) -> tuple[int, int]:
+        """(window, stride) in pixels for images of ``size`` (H, W)."""
+        h, w = size[:2]
+        window = self.window if self.window is not None else \
+            max(1, min(h, w) // self.PATCHES_PER_SIDE)
+        if window > min(h, w):
+            raise ValueError(f"window {window} is larger than the {h}x{w} input images; use "
+                             f"1..{min(h, w)}")
+        stride = window if self.stride is None else self.stride
+        if stride > window:
+            raise ValueError(f"stride must be between 1 and window ({window}) so that every "
+                             f"pixel is occluded at least once, got {stride}")
+        return window, stride
+
+    def mask_settings(self):
+        return (self.window, self.stride)
+
+    def masks(self, grid_shape: tuple) -> np.ndarray:
+        """One boolean mask per occluded patch, (N, H, W, 1) for images of (H, W[, C]); True
+        pixels are occluded."""
+        return M.window_masks(tuple(grid_shape[:2]), *self.geometry(grid_shape))[..., None]
+
+    def perturb_args(self, images, activation) -> tuple:
+        """The baseline as one value per input channel (one shape for every Occlusion, which
+        share a compiled function)."""
+        channels = ops.shape(images)[-1]
+        return (B.tensor(np.broadcast_to(np.asarray(self.baseline, np.float32), (channels,))),)
+
+    @staticmethod
+    def perturb(rows, masks, baseline):
+        return ops.where(masks, ops.cast(baseline, rows.dtype), rows)
+
+    def combine(self, activation, scores, perturbed, masks):
+        return C.spread_window_drops(ops.expand_dims(scores, 1) - perturbed, masks[..., 0])
+
+
+def _check_baseline(baseline, channels):
+    wanted = (f"a finite number or {channels} finite numbers (one per input channel)"
+              if channels is not None else "a finite number or one per input channel")
+    try:
+        if isinstance(baseline, (str, bytes, bool)):
+            raise TypeError
+        value = np.asarray(baseline, dtype=np.float64)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value.ndim > 1 or not np.isfinite(value).all() or (
+            value.ndim == 1 and (len(value) == 0 or channels is not None
+                                 and len(value) != channels)):
+        raise ValueError(f"baseline must be {wanted}, got {baseline!r}")
+    return float(value) if value.ndim == 0 else tuple(float(v) for v in value)
+
+
+class ScoreCAM(PerturbationExplainer):
+    """Score-CAM (Wang et al., CVPR Workshops 2020, Algorithm 1): channels weighted by the
+    class score of the image masked with them.
+
+    Each channel A_k of the target layer is upsampled bilinearly to the image size
+    (pixel-centre aligned, :func:`cam.maps.upsample_maps`) and min-max normalised to a mask
+    H_k in [0, 1] (a constant channel gives an all-zero mask); the image times H_k goes
+    through the whole model, ``batch_size`` a call, and its class score s_k is channel k's
+    evidence. As in the paper's Algorithm 1, the weights are a softmax over the channels,
+    w = softmax_k(s_k) (the paper subtracts the score of a baseline image first, the same for
+    every channel, which a softmax ignores); the map is sum_k w_k A_k, and normalising
+    applies the paper's ReLU. C evaluations per image, or ``channels``.
+
+    ``score`` is the library's default, the logit, unless ``score="probability"``. The
+    paper's score f is the model's softmax output; the authors' code (haofanwang/Score-CAM)
+    takes the probability of the masked image as the weight directly, with no softmax over
+    channels, while pytorch-grad-cam applies the channel softmax to the logit, as this class
+    does by default. Probabilities lie in [0, 1], so their channel softmax gives nearly even
+    weights (exp(p) is between 1 and e); the logits keep the channels apart.
+
+    Against pytorch-grad-cam: it upsamples the channels with ``UpsamplingBilinear2d``, which
+    aligns the corners (align_corners=True: the corner cells' values sit on the corner
+    pixels); this class aligns pixel centres, as every map here is upsampled. The masks, and
+    so the weights, differ slightly, most on small grids (7x7 at 224 px).
+
+    Parameters
+    ----------
+    channels : None or int
+        None uses every channel. An int N keeps, per image, only the N channels whose
+        activation varies most over the grid (largest spatial variance, as Faster Score-CAM
+        does); the others get weight 0 and the softmax runs over the N kept channels.
+        :attr:`channels_used` and ``repr`` state it.
+    mode : "head" or "full"
+        Checked as for every method; the masked images always run through the whole model
+        (``"full"`` takes the unmasked scores from the whole model as well).
+    """
+
+    name = "Score-CAM"
+    SETTINGS = (Setting("channels", int, None,
+                        "score only the N channels of largest spatial variance (None: all)",
+                        low=1),)
+    APPLIES_TO = "input"
+    per_image_masks = True
+
+    def __init__(self, model, layer=None, score="logit", batch_size=None, channels=None,
+                 mode="head", reshape=None):
+        super().__init__(model, layer, score, mode, reshape, batch_size)
+        total = self.split.target_shape[-1]
+        self.channels = check_int("channels", channels, high=total, allow_none=True,
+                                  none="every channel",
+                                  why=f" (layer {self.layer!r} has {total} channels)")
+        self._resize: dict = {}
+
+    @property
+    def channels_used(self) -> int:
+        """Channels scored per image: ``channels``, or every channel of the target layer."""
+        return self.channels if self.channels is not None else self.split.target_shape[-1]
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Masked images scored per image (whole-model passes): one per channel used."""
+        return self.channels_used
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace(
+            f"channels={self.channels!r}",
+            f"channels={self.channels_used} of {self.split.target_shape[-1]}")
+
+    def selected_channels(self, activation):
+        """Indices of the channels scored per image, (B, channels used), on the device: every
+        channel, or the ``channels`` of largest spatial variance (largest first; the NumPy
+        reference is :func:`cam.maps.top_variance_channels`)."""
+        count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
+        if self.channels is None:
+            return ops.broadcast_to(ops.arange(total, dtype="int32")[None], (count, total))
+        variance = ops.var(ops.reshape(activation, (count, -1, total)), axis=1)
+        return ops.cast(ops.top_k(variance, self.channels, sorted=True)[1], "int32")
+
+    def row_masks(self, images, activation):
+        """Each image's selected channels on the layer's grid, (B N, h, w): upsampled and
+        normalised inside the compiled call (:meth:`perturb`)."""
+        count, total = ops.shape(activation)[0], ops.shape(activation)[-1]
+        stack = ops.reshape(ops.transpose(activation, (0, 3, 1, 2)),
+                            (count * total, *ops.shape(activation)[1:3]))
+        chosen = self.selected_channels(activation)
+        flat = ops.reshape(chosen + ops.arange(count, dtype="int32")[:, None] * total, (-1,))
+        return ops.take(stack, flat, axis=0), True
+
+    def resize_matrices(self, grid: tuple, size: tuple) -> tuple:
+        """(H x h, W x w) matrices that upsample an (h, w) map to (H, W) as R_h A R_w^T, on the
+        device: exactly :func:`cam.maps.upsample_maps` (bilinear, pixel-centre aligned), which
+        builds them by upsampling the unit maps. Made once per grid and size."""
+        key = (tuple(int(d) for d in grid), tuple(int(d) for d in size))
+        if key not in self._resize:
+            matrices = []
+            for cells, pixels in zip(*key):
+                units = np.eye(cells, dtype=np.float32)[:, :, None]  # unit maps (cells, 1)
+                matrices.append(B.tensor(M.upsample_maps(units, (pixels, 1))[:, :, 0].T))
+            self._resize[key] = tuple(matrices)
+        return self._resize[key]
+
+    def perturb_args(self, images, activation) -> tuple:
+        return self.resize_matrices(ops.shape(activation)[1:3], ops.shape(images)[1:3])
+
+    @staticmethod
+    def perturb(rows, grids, rows_h, rows_w):
+        # rows (R, H, W, C) images; grids (R, h, w) their channels: each channel upsampled,
+        # min-max normalised (0 for a constant channel) and multiplied into its image
+        up = ops.einsum("Hh,rhw,Ww->rHW", rows_h, grids, rows_w)
+        low = ops.min(up, axis=(1, 2), keepdims=True)
+        high = ops.max(up, axis=(1, 2), keepdims=True)
+        flat = ops.reshape(grids, (ops.shape(grids)[0], -1))
+        constant = ops.logical_or(high <= low, ops.reshape(
+            ops.min(flat, axis=1) == ops.max(flat, axis=1), (-1, 1, 1)))
+        mask = ops.where(constant, 0.0, (up - low) / ops.where(constant, 1.0, high - low))
+        return rows * ops.cast(mask, rows.dtype)[..., None]
+
+    def combine(self, activation, scores, perturbed, masks):
+        total = ops.shape(activation)[-1]
+        weights = ops.einsum("bk,bkc->bc", C.scorecam_weights(perturbed),
+                             ops.one_hot(self.selected_channels(activation), total,
+                                         dtype="float32"))
+        return C.weighted_channel_sum(activation, weights)
+
+
 def explain(method: str, model, images, **kwargs) -> np.ndarray:
     """Shortcut: ``explain("gradcam", model, images, layer=..., targets=...)``."""
     call_args = {k: kwargs.pop(k) for k in ("targets", "upsample", "normalize", "threshold")
@@ -517,4 +452,5 @@ def method_class(method: str) -> type:
     :func:`cam.method_key` accepts)."""
     from . import METHODS, method_key
 
-    return globals()[METHODS[method_key(method)]]
+    entry = METHODS[method_key(method)]
+    return entry if isinstance(entry, type) else globals()[entry]

@@ -163,7 +163,7 @@ def test_compiled_functions_report_their_backend_and_traces():
     images = random_images((10, 10, 3), 2)
     explainer(images)
     explainer(images)
-    compiled = explainer._score_head
+    compiled = explainer.scorer
     assert compiled.backend == keras.backend.backend()
     eager = compiled.backend == "torch" and os.environ.get("CAM_TORCH_COMPILE") is None
     assert compiled.traces == (None if eager else 1)  # one shape of mask batch: one trace
@@ -172,14 +172,14 @@ def test_compiled_functions_report_their_backend_and_traces():
     grouped = cam.FastAblationCAM(model, "relu2", batch_size=50)
     grouped(images)
     grouped(images)
-    assert grouped._score_head is compiled
+    assert grouped.scorer is compiled
     assert compiled.traces == (None if eager else 2)
     assert repr(compiled).startswith(f"Compiled(backend={keras.backend.backend()!r}")
     # another method on the same model and layer shares the split and its compiled functions
     other = cam.ReciproCAM(model, "relu2")
     assert other.split is explainer.split and other._trunk is explainer._trunk
-    assert other._score_head is compiled
-    assert cam.AblationCAM(model, "relu2", ablation_value=1.0)._score_head is not compiled
+    assert other.scorer is compiled
+    assert cam.AblationCAM(model, "relu2", ablation_value=1.0).scorer is not compiled
     assert cam.GradCAM(model, "relu2")._gradients is cam.LayerCAM(model, "relu2")._gradients
     assert cam.GradCAM(model, "relu1")._trunk is not explainer._trunk
 
@@ -213,7 +213,7 @@ def test_fusing_is_chosen_from_the_head_and_changes_no_map(tiny_sequential, dens
                                  (dense_concat_model, "relu1", cam.ReciproCAM)):
         fused = method(model, layer, fuse=True)
         plain = method(model, layer, fuse=False)
-        assert fused._score_head is not plain._score_head
+        assert fused.scorer is not plain.scorer
         a = fused(images, targets=1, normalize=False, upsample=False)
         b = plain(images, targets=1, normalize=False, upsample=False)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), method.name

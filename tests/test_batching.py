@@ -116,15 +116,15 @@ def _no_implicit_transfers():
     return jax.transfer_guard_device_to_host("disallow")
 
 
-@pytest.mark.parametrize("method, kwargs, scorer", [
-    ("AblationCAM", {}, "_score_head"),
-    ("FastAblationCAM", {"window": 2, "stride": 1}, "_score_head"),
-    ("ReciproCAM", {"gaussian": True}, "_score_head"),
-    ("AblationCAM", {"mode": "full"}, "_score_full"),
-    ("Occlusion", {"window": 4, "stride": 3}, "_occluded"),
-    ("ScoreCAM", {}, "_masked"),
+@pytest.mark.parametrize("method, kwargs, path", [
+    ("AblationCAM", {}, "head"),
+    ("FastAblationCAM", {"window": 2, "stride": 1}, "head"),
+    ("ReciproCAM", {"gaussian": True}, "head"),
+    ("AblationCAM", {"mode": "full"}, "full"),
+    ("Occlusion", {"window": 4, "stride": 3}, "input"),
+    ("ScoreCAM", {}, "input"),
 ])
-def test_one_explain_of_32_images_makes_few_calls_and_one_host_copy(method, kwargs, scorer,
+def test_one_explain_of_32_images_makes_few_calls_and_one_host_copy(method, kwargs, path,
                                                                     monkeypatch):
     """Ablation-CAM at a layer of C channels makes ceil(32 C / batch) scoring calls and one
     host copy; every perturbation method likewise: all (image, mask) rows in equal calls."""
@@ -134,12 +134,12 @@ def test_one_explain_of_32_images_makes_few_calls_and_one_host_copy(method, kwar
     images = random_images((10, 10, 3), N, seed=4)
     explainer(images[:2])  # compile first: tracing may copy shapes, never data
     counter = Counter(monkeypatch)
-    function = getattr(explainer, scorer)
+    assert explainer.path == path
+    function = explainer.scorer
     before = function.calls
     with _no_implicit_transfers():
         result = explainer.explain(images)
-    per_image = explainer.evaluations_per_image if method != "Occlusion" \
-        else explainer.evaluations((10, 10))
+    per_image = explainer.evaluations_per_image
     assert function.calls - before == math.ceil(N * per_image / batch)
     assert counter.copies == 1
     assert result.raw.shape[0] == N and result.scores.shape == (N, 3)
@@ -186,24 +186,27 @@ def test_masks_are_made_once_per_grid_and_kept_on_the_device(monkeypatch):
     assert len(made) == 1
 
 
-def test_a_pooling_and_dense_head_scores_channel_masks_in_closed_form():
-    """After global average pooling and one Dense layer (logits) an ablation moves the pooled
-    value p by the grid mean of (v - A) m (for a channel mask, (v - p) m), and the scores
-    follow in closed form, equal to rerunning the whole network."""
-    from cam.explainers import affine_head
+def test_a_pooled_head_scores_channel_and_cell_masks_in_closed_form():
+    """After global average pooling an ablation moves the pooled value p by the grid mean of
+    (v - A) m (for a channel mask, (v - p) m); the rest of the head (here Dropout and a Dense
+    softmax, scored as logit and as probability) runs on the moved vectors, equal to
+    rerunning the whole network."""
+    from cam import pooled
 
     model = build_dense_concat_model()  # relu2 -> GAP -> Dropout -> Dense(softmax)
-    assert affine_head(cam.AblationCAM(model, "relu2").split).name == "predictions"
-    assert affine_head(cam.AblationCAM(model, "relu1").split) is None  # a convolution after
-    assert affine_head(cam.AblationCAM(model, "relu2", score="probability").split) is None
+    found = pooled.find(cam.AblationCAM(model, "relu2").split)
+    assert isinstance(found.pool.operation, keras.layers.GlobalAveragePooling2D)
+    assert pooled.find(cam.AblationCAM(model, "relu1").split) is None  # a convolution after
     images = random_images((10, 10, 3), 4, seed=6)
     # channel masks (Ablation-CAM), cell masks (FastAblationCAM) and float cell masks
     # (ReciproCAM's Gaussian), each with two ablation values
     for method, options in ((cam.AblationCAM, {}), (cam.FastAblationCAM, {"window": 2}),
                             (cam.ReciproCAM, {"gaussian": True})):
-        for value in (0.0, 1.5):
-            head = method(model, "relu2", ablation_value=value, **options).explain(images)
-            full = method(model, "relu2", ablation_value=value, mode="full",
+        for value, score in ((0.0, "logit"), (1.5, "logit"), (0.5, "probability")):
+            explainer = method(model, "relu2", ablation_value=value, score=score, **options)
+            assert explainer.path == "pooled"
+            head = explainer.explain(images)
+            full = method(model, "relu2", ablation_value=value, mode="full", score=score,
                           **options).explain(images)
             np.testing.assert_allclose(head.raw, full.raw, rtol=1e-4,
                                        atol=1e-4 * np.abs(full.raw).max())

@@ -266,8 +266,7 @@ def test_images_scored_together_equal_one_at_a_time(case, method, kwargs):
         together = METHODS[method](case.model, case.layer, batch_size=3 * n, mode=mode,
                                    **kwargs)
         alone = METHODS[method](case.model, case.layer, batch_size=n, mode=mode, **kwargs)
-        assert together.images_per_call(n) == 3 and alone.images_per_call(n) == 1
-        scorer = together._score_head if mode == "head" else together._score_full
+        scorer = together.scorer
         before = scorer.calls
         grouped = raw(together, x, targets=targets)
         assert scorer.calls - before == 2
@@ -413,14 +412,14 @@ class TestErrors:
     @pytest.mark.parametrize(
         "kwargs, phrase",
         [
-            ({"window": 0}, "window must be >= 1"),
-            ({"window": -2}, "window must be >= 1"),
+            ({"window": 0}, "window must be an int >= 1"),
+            ({"window": -2}, "window must be an int >= 1"),
             ({"window": 9}, "window 9 is larger than"),  # the grid is 8x8
             ({"window": 1.5}, "window must be an int"),
             ({"window": None}, "window must be an int"),
-            ({"window": 2, "stride": 3}, "stride must be between 1 and window"),
-            ({"window": 3, "stride": 0}, "stride must be between 1 and window"),
-            ({"window": 3, "stride": -1}, "stride must be between 1 and window"),
+            ({"window": 2, "stride": 3}, r"stride must be an int between 1 and 2 \(the window"),
+            ({"window": 3, "stride": 0}, r"stride must be an int between 1 and 3 \(the window"),
+            ({"window": 3, "stride": -1}, r"stride must be an int between 1 and 3 \(the window"),
             ({"window": 3, "stride": 1.0}, "stride must be an int"),
         ],
     )
@@ -667,16 +666,16 @@ def test_cam_keeps_no_model_alive_and_release_frees_early():
     import gc
     import weakref
 
-    from cam import explainers
+    from cam import cache
     from conftest import build_dense_concat_model
 
     model = build_dense_concat_model()
     images = np.random.default_rng(3).standard_normal((2, 10, 10, 3)).astype(np.float32)
     for method in ("gradcam", "ablationcam", "scorecam", "occlusion"):
         METHODS[method](model, "relu1")(images)
-    assert model in explainers._SHARED
+    assert cache.holds(model)
     assert cam.release(model, "relu0") == 0 and cam.release(model, "relu1") >= 1
-    assert model not in explainers._SHARED
+    assert not cache.holds(model)
     explainer = cam.FastAblationCAM(model, "relu1")
     explainer(images)  # still works after a release: compiles again
     del explainer

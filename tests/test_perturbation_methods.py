@@ -100,7 +100,7 @@ def test_occlusion_patches_end_at_the_edge(linear_model):
     assert starts(7, 3, 3) == [0, 3, 4] and starts(9, 3, 3) == [0, 3, 6]
     explainer = cam.Occlusion(linear_model, window=3)
     assert explainer.evaluations_per_image == 9
-    masks = explainer.masks((7, 9))
+    masks = explainer.masks((7, 9))[..., 0]  # (N, H, W, 1): every channel of a pixel
     np.testing.assert_array_equal(masks.sum(axis=0)[:, 0], [1, 1, 1, 1, 2, 2, 1])
     np.testing.assert_array_equal(masks.sum(axis=0)[0], np.ones(9))
     x = images_7x9(1)
@@ -509,15 +509,15 @@ def test_the_compiled_scoring_functions_trace_once(four_channel_model, linear_mo
     scorecam = cam.ScoreCAM(four_channel_model, "relu", batch_size=3)
     occlusion = cam.Occlusion(linear_model, window=3, stride=2, batch_size=5)
     # the compiled functions are shared by every explainer on the model: count from here
-    traces = [scorecam._masked.traces, occlusion._occluded.traces]
-    calls = [scorecam._masked.calls, occlusion._occluded.calls]
+    traces = [scorecam.scorer.traces, occlusion.scorer.traces]
+    calls = [scorecam.scorer.calls, occlusion.scorer.calls]
     for _ in range(2):
         scorecam(x)
         occlusion(images_7x9(3))
-    assert [scorecam._masked.calls - calls[0], occlusion._occluded.calls - calls[1]] == [8, 16]
+    assert [scorecam.scorer.calls - calls[0], occlusion.scorer.calls - calls[1]] == [8, 16]
     # PyTorch runs eagerly unless CAM_TORCH_COMPILE=1: nothing is traced, and traces says so
-    if scorecam._masked.traces is None:
+    if scorecam.scorer.traces is None:
         assert backend.name() == "torch"
         return
-    assert scorecam._masked.traces - traces[0] <= 1
-    assert occlusion._occluded.traces - traces[1] <= 1
+    assert scorecam.scorer.traces - traces[0] <= 1
+    assert occlusion.scorer.traces - traces[1] <= 1

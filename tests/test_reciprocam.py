@@ -255,52 +255,52 @@ def concat_explainer(model, value=0.0, mode="head"):
 
 @pytest.fixture(scope="module")
 def concat_split(dense_concat_model):
-    """A model with a bypass, its trunk outputs for one image, and a set of boolean masks:
-    random cells, windows through every channel, nothing and everything."""
-    image = backend.tensor(np.random.default_rng(7).standard_normal((1, 10, 10, 3)), "float32")
-    activation, bypass = concat_explainer(dense_concat_model)._trunk(image)
+    """A model with a bypass, one image, and a set of boolean masks: random cells, windows
+    through every channel, nothing and everything."""
+    image = np.random.default_rng(7).standard_normal((1, 10, 10, 3)).astype(np.float32)
     rng = np.random.default_rng(8)
     masks = np.concatenate([
         rng.random((6, 5, 5, 4)) < 0.4,
         np.repeat(M.window_masks((5, 5), 2, 1)[..., None], 4, axis=-1),
         np.zeros((1, 5, 5, 4), bool), np.ones((1, 5, 5, 4), bool),
     ])
-    return dense_concat_model, image, activation, bypass, masks  # 24: 6 batches of 4
+    return dense_concat_model, image, masks  # 24: 6 calls of 4
 
 
 @pytest.mark.parametrize("mode", ["head", "full"])
 @pytest.mark.parametrize("value", [0.0, 1.25])
 def test_float_masks_of_0_and_1_equal_boolean_masks(concat_split, mode, value):
-    model, image, activation, bypass, masks = concat_split
+    model, image, masks = concat_split
     explainer = concat_explainer(model, value, mode)
-    boolean = explainer.ablated_scores(image, activation, bypass, 1, masks)
-    as_float = explainer.ablated_scores(image, activation, bypass, 1, masks.astype(np.float32))
-    as_float64 = explainer.ablated_scores(image, activation, bypass, 1,
-                                          masks.astype(np.float64))
-    assert boolean.shape == (24,) and np.ptp(boolean) > 0
+    features = explainer.features(image)
+    boolean = explainer.perturbed_scores(features, 1, masks)
+    as_float = explainer.perturbed_scores(features, 1, masks.astype(np.float32))
+    as_float64 = explainer.perturbed_scores(features, 1, masks.astype(np.float64))
+    assert boolean.shape == (1, 24) and np.ptp(boolean) > 0
     np.testing.assert_array_equal(as_float, boolean)
     np.testing.assert_array_equal(as_float64, boolean)
 
 
 def test_a_float_mask_blends_towards_the_ablation_value(concat_split):
     """m = 0.25 everywhere: A' = 0.75 A + 0.25 v, the same as handing the head that tensor."""
-    model, image, activation, bypass, _ = concat_split
+    model, image, _ = concat_split
     explainer = concat_explainer(model, 2.0)
-    got = explainer.ablated_scores(image, activation, bypass, 0,
-                                   np.full((1, 1, 1, 1), 0.25, np.float32))
-    expected = explainer.split.head(0.75 * activation + 0.25 * 2.0, bypass)[:, 0]
-    np.testing.assert_allclose(got, backend.numpy(expected), rtol=1e-6)
+    features = explainer.features(image)
+    got = explainer.perturbed_scores(features, 0, np.full((1, 1, 1, 1), 0.25, np.float32))
+    expected = explainer.split.head(0.75 * features.activation + 0.25 * 2.0, features.bypass)
+    np.testing.assert_allclose(got[0], backend.numpy(expected)[:, 0], rtol=1e-6)
 
 
-def test_mask_batches_pad_with_masks_that_ablate_nothing(dense_concat_model):
-    explainer = concat_explainer(dense_concat_model)
-    for masks, nothing in ((np.ones((5, 2, 2, 1), bool), False),
-                           (np.full((5, 2, 2, 1), 0.5, np.float64), 0.0)):
-        batches = explainer.mask_batches(masks)  # batch_size 4: 5 masks -> 2 batches of 4
-        assert [tuple(b.shape) for b in batches] == [(4, 2, 2, 1)] * 2
-        padded = backend.numpy(batches[1])
-        assert padded.dtype == (np.bool_ if nothing is False else np.float32)
-        assert (padded[1:] == nothing).all() and (padded[0] == masks[0]).all()
+def test_padding_rows_are_dropped(concat_split):
+    """5 masks at 4 rows a call: 2 calls, the second padded with repeats of the last image's
+    masks, which are dropped; the scores equal those of one call of 5."""
+    model, image, masks = concat_split
+    features = concat_explainer(model).features(image)
+    four = concat_explainer(model).perturbed_scores(features, 1, masks[:5])
+    five = cam.FastAblationCAM(model, "relu1", batch_size=5).perturbed_scores(features, 1,
+                                                                           masks[:5])
+    assert four.shape == (1, 5)
+    np.testing.assert_allclose(four, five, rtol=1e-6)
 
 
 @pytest.mark.parametrize("masks, exc, phrase", [
@@ -309,9 +309,11 @@ def test_mask_batches_pad_with_masks_that_ablate_nothing(dense_concat_model):
     (np.full((2, 1, 1, 1), np.nan), ValueError, r"must lie in \[0, 1\]"),
     (np.ones((2, 1, 1, 1), int), TypeError, "masks must be boolean or float"),
 ])
-def test_mask_batches_refuse_other_masks(dense_concat_model, masks, exc, phrase):
+def test_perturbed_scores_refuse_other_masks(concat_split, masks, exc, phrase):
+    model, image, _ = concat_split
+    explainer = concat_explainer(model)
     with pytest.raises(exc, match=phrase):
-        concat_explainer(dense_concat_model).mask_batches(masks)
+        explainer.perturbed_scores(explainer.features(image), 0, masks)
 
 
 # --------------------------------------------------------------------------- registry, errors

@@ -56,7 +56,7 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from ..explainers import GradientExplainer, release
+from .. import GradientExplainer, release
 from ..methods import method_class
 from ..graph import candidate_layers
 
