@@ -1,5 +1,6 @@
 """cam.study.faithfulness: shared-trunk maps equal each explainer's own, the predict cache
-runs each distinct image once, and the numbers of notebook 05's tables by hand."""
+runs each distinct image once, notebook 05's steps equal the library calls they stand for, and
+the numbers of its tables and figures by hand."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import cam  # noqa: E402
+from cam import metrics, road  # noqa: E402
 from cam.study import faithfulness, models  # noqa: E402
 
 pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
@@ -257,3 +259,250 @@ def test_to_grid_takes_block_means():
     np.testing.assert_allclose(out[1], out[0] + 16)
     assert faithfulness.to_grid(maps, (4, 4)) is maps or \
         np.array_equal(faithfulness.to_grid(maps, (4, 4)), maps)  # already on the grid
+
+
+# Notebook 05's steps.
+
+def test_study_methods_names_settings_and_factories(small_cnn):
+    model, _ = small_cnn
+    factories = faithfulness.original_methods(window=2, batch_size=12)
+    assert list(factories) == ["Grad-CAM", "Ablation-CAM", "FastAblationCAM"]
+    fast = factories["FastAblationCAM"](model, "relu")
+    assert isinstance(fast, cam.FastAblationCAM) and fast.window == 2 and fast.batch_size == 12
+    assert factories["Ablation-CAM"](model, "conv4").layer == "conv4"  # built on what it is given
+    layer_methods, costly = faithfulness.study_methods(model, "relu", factories, batch_size=12,
+                                                       scorecam_channels=3, occlusion_window=8)
+    assert list(layer_methods) == ["Grad-CAM", "Ablation-CAM", "FastAblationCAM", "Grad-CAM++",
+                                   "XGrad-CAM", "LayerCAM", "HiResCAM", "ReciproCAM"]
+    assert all(e.model is model and e.layer == "relu" for e in layer_methods.values())
+    assert all(isinstance(e, faithfulness.SHARES_TRUNK) for e in layer_methods.values())
+    assert layer_methods["ReciproCAM"].batch_size == 12
+    assert list(costly) == ["Score-CAM (top 3 ch.)", "Occlusion (8 px)"]
+    score, occlusion = costly.values()
+    assert isinstance(score, cam.ScoreCAM) and score.channels == 3
+    assert isinstance(occlusion, cam.Occlusion) and occlusion.window == 8
+
+
+def test_round_robin_reaches_every_label_before_repeating_one():
+    labels = [2, 0, 0, 1, 2, 0, 2]
+    #          0  1  2  3  4  5  6   first of each label in label order: 1 (0), 3 (1), 0 (2);
+    #          then the second of each: 2 (0), 4 (2); then the third: 5 (0), 6 (2)
+    np.testing.assert_array_equal(faithfulness.round_robin(labels), [1, 3, 0, 2, 4, 5, 6])
+    np.testing.assert_array_equal(faithfulness.round_robin(labels, 4), [1, 3, 0, 2])
+    np.testing.assert_array_equal(faithfulness.round_robin(pd.Series(["b", "a", "b"]), 2), [1, 0])
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        faithfulness.round_robin(labels, -1)
+
+
+def test_maps_and_cost_gives_each_methods_own_maps(small_cnn):
+    model, images = small_cnn
+    layer_methods = {"Grad-CAM": cam.GradCAM(model, "relu"),
+                     "FastAblationCAM": cam.FastAblationCAM(model, "relu", batch_size=8)}
+    costly = {"Score-CAM": cam.ScoreCAM(model, "relu", channels=2, batch_size=4),
+              "Occlusion": cam.Occlusion(model, "relu", window=8)}
+    sample = np.array([3, 0, 4])
+    maps, positions, targets, cost = faithfulness.maps_and_cost(layer_methods, costly, images,
+                                                                sample, seed=5, progress=False)
+    assert list(maps) == ["Grad-CAM", "FastAblationCAM", "random", "Score-CAM", "Occlusion"]
+    assert list(positions) == ["Score-CAM", "Occlusion"]
+    np.testing.assert_array_equal(positions["Occlusion"], sample)
+    for name, e in layer_methods.items():
+        alone = e.explain(images)  # normalised and upsampled
+        np.testing.assert_array_equal(targets, alone.targets)
+        np.testing.assert_allclose(maps[name], alone.maps, atol=1e-5)
+    for name, e in costly.items():  # the layer's predicted classes, on the sample's images
+        alone = e.explain(images[sample], targets=targets[sample])
+        assert maps[name].shape == (3, 16, 16)
+        np.testing.assert_allclose(maps[name], alone.maps, atol=1e-5)
+    random = maps["random"]
+    assert random.shape == (5, 16, 16) and random.dtype == np.float32
+    assert 0 <= random.min() and random.max() <= 1 and random.std() > 0.2  # uniform, not constant
+    again = faithfulness.maps_and_cost(layer_methods, {}, images, [], seed=5, progress=False)
+    np.testing.assert_array_equal(again.maps["random"], random)  # the seed fixes them
+    assert list(cost.index) == [*layer_methods, *costly]
+    assert cost["timed images"].tolist() == [4, 4, 2, 2]  # all but the first (tracing) call
+    assert cost["runs"].tolist() == ["head (trunk once)"] * 2 + ["whole network"] * 2
+    assert cost.loc["Occlusion", "evaluations/image"] == costly["Occlusion"].evaluations_per_image
+    assert (cost["ms/image"] > 0).all()
+
+
+def test_all_zero_share_by_hand():
+    maps = np.zeros((4, 2, 2))
+    maps[1, 0, 1] = 0.5
+    maps[3] = 1.0
+    out = faithfulness.all_zero_share({"a": maps, "b": maps[1:2], "c": np.zeros((3, 2, 2))})
+    assert out == {"a": 0.5, "b": 0.0, "c": 1.0}
+    assert faithfulness.all_zero_share({"d": np.stack([maps[0]] * 2 + [maps[3]])}) == {"d": 0.667}
+
+
+def test_study_masks_exact_for_the_synthetic_stand_in_else_segmented(tmp_path):
+    from cam.study import segment, synthetic
+
+    table = synthetic.write_dataset(tmp_path, n_per_class=1, size=32, seed=0)
+    images = np.zeros((len(table), 32, 32, 3), np.float32)  # the masks come from the files
+    masks, source = faithfulness.study_masks("synthetic", tmp_path, table["file"], images)
+    assert source == "exact (synthetic)"
+    np.testing.assert_array_equal(masks, segment.synthetic_masks(tmp_path, table["file"], 32))
+    assert masks.any(axis=(1, 2)).all() and not masks.all(axis=(1, 2)).any()
+    with pytest.raises(ValueError, match="square"):
+        faithfulness.study_masks("synthetic", tmp_path, table["file"], images[:, :, :16])
+    # any other dataset: segmented from the pixels; a dark disc on a pale slide
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 24) ** 2 + (xx - 20) ** 2 <= 12 ** 2
+    slide = np.where(disc[..., None], [90.0, 60.0, 40.0], [235.0, 230.0, 225.0])[None]
+    masks, source = faithfulness.study_masks("polen23e", None, None, slide, progress=False)
+    assert source == "segmented (Otsu + morphology)" and masks.dtype == bool
+    assert (masks[0] == disc).mean() > 0.98
+
+
+def test_score_maps_by_method_on_the_images_each_map_is_of():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (4, 6, 6, 1)).astype(np.float32)
+    maps = {"a": rng.uniform(0, 1, (4, 6, 6)), "b": rng.uniform(0, 1, (2, 6, 6)),
+            "c": rng.uniform(0, 1, (4, 6, 6))}
+    masks = rng.uniform(0, 1, (4, 6, 6)) > 0.5
+    targets = np.array([0, 1, 1, 0])
+    scores = mean_pixel_predict(images)[np.arange(4), targets]
+    positions = {"b": np.array([2, 0])}
+    per_image, curves = faithfulness.score_maps(mean_pixel_predict, images, maps, masks, targets,
+                                                scores, positions, curved=["a", "b"], steps=3,
+                                                batch_size=5, progress=False)
+    assert list(per_image) == ["a", "b", "c"] and list(curves) == ["a", "b"]
+    for name, pick in (("a", np.arange(4)), ("b", positions["b"]), ("c", np.arange(4))):
+        expected = faithfulness.image_metrics(mean_pixel_predict, images[pick], maps[name],
+                                              masks[pick], targets[pick], scores[pick])
+        for metric, values in expected.items():
+            np.testing.assert_allclose(per_image[name][metric], values)
+    assert "deletion AUC" not in per_image["c"]
+    b = curves["b"]
+    assert b["deletion"].shape == b["insertion"].shape == (2, 4)
+    np.testing.assert_allclose(b["deletion"][:, 0], scores[[2, 0]])  # nothing deleted yet
+    np.testing.assert_allclose(b["insertion"][:, -1], scores[[2, 0]], rtol=1e-6)  # all back
+    # deleted to black: class 0 (the mean pixel) reaches 0, class 1 reaches 1
+    np.testing.assert_allclose(curves["a"]["deletion"][:, -1], targets, atol=1e-7)
+    np.testing.assert_allclose(per_image["b"]["deletion AUC"], metrics.auc(b["deletion"]))
+    with pytest.raises(ValueError, match=r"no maps for \['d'\]"):
+        faithfulness.score_maps(mean_pixel_predict, images, maps, masks, targets, scores,
+                                positions, curved=["d"])
+    with pytest.raises(ValueError, match="b: 2 maps for 4 images"):
+        faithfulness.score_maps(mean_pixel_predict, images, maps, masks, targets, scores)
+
+
+def test_road_scores_equal_road_per_map_and_share_the_images_asked_twice():
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 1, (5, 8, 8, 1)).astype(np.float32)
+    sample, first = np.array([4, 1, 3]), np.array([4, 1])
+    maps = {"a": rng.uniform(0, 1, (5, 8, 8)), "costly": rng.uniform(0, 1, (2, 8, 8)),
+            "b": rng.uniform(0, 1, (5, 8, 8))}
+    targets = np.array([0, 1, 0, 1, 1])
+    predict = faithfulness.CachedPredict(mean_pixel_predict)
+    out = faithfulness.road_scores(predict, images, maps, targets, sample, [0.25, 0.5],
+                                   {"costly": first}, batch_size=4, seed=3, progress=False)
+    assert list(out) == ["a", "costly", "b"]
+    for name, pick in (("a", sample), ("costly", first), ("b", sample)):
+        m = maps[name] if name == "costly" else maps[name][sample]
+        alone = road_alone(images[pick], m, targets[pick])
+        assert set(out[name]) == set(alone)
+        for key, value in alone.items():
+            np.testing.assert_allclose(out[name][key], value, err_msg=f"{name} {key}")
+    np.testing.assert_array_equal(out["costly"]["targets"], targets[first])
+    # a and b share one call: each image's unperturbed copy is asked for once, not once each
+    def asked(*groups):
+        counting = faithfulness.CachedPredict(mean_pixel_predict)
+        for names in groups:
+            faithfulness.road_scores(counting, images, {n: maps[n] for n in names}, targets,
+                                     sample, [0.25, 0.5], batch_size=4, seed=3, progress=False)
+        return counting.asked
+
+    # 3 images x (the unperturbed one + 2 maps x 2 orders x 2 fractions)
+    assert asked(["a", "b"]) == 3 * (1 + 2 * 2 * 2)
+    assert asked(["a"], ["b"]) == 2 * 3 * (1 + 2 * 2)
+
+
+def road_alone(images, maps, targets):
+    return road.road(mean_pixel_predict, images, maps, targets, [0.25, 0.5], seed=3,
+                     batch_size=4, progress=False)
+
+
+def test_with_road_adds_the_three_road_numbers():
+    per_image = {"a": {"x": np.array([1.0])}, "b": {"x": np.array([2.0, 3.0])}}
+    results = {"b": {"morf_auc": np.array([0.1, 0.2]), "lerf_auc": np.array([0.5, 0.4]),
+                     "lerf_minus_morf": np.array([0.4, 0.2])}}
+    out = faithfulness.with_road(per_image, results)
+    assert list(out) == ["a", "b"] and list(out["a"]) == ["x"]  # no ROAD for a
+    assert list(out["b"]) == ["x", "ROAD MoRF AUC", "ROAD LeRF AUC", "ROAD LeRF - MoRF"]
+    np.testing.assert_array_equal(out["b"]["ROAD LeRF - MoRF"], [0.4, 0.2])
+    assert list(per_image["b"]) == ["x"]  # the input is left as it was
+    road_metrics = {f"ROAD {label}" for label in faithfulness.ROAD_SCORES.values()}
+    assert road_metrics <= set(faithfulness.BETTER)  # each has a direction in the tables
+    with pytest.raises(ValueError, match=r"ROAD results for \['c'\]"):
+        faithfulness.with_road(per_image, {"c": results["b"]})
+
+
+def test_stopwatch_times_parts_and_the_rest():
+    ticks = iter([(0.0, 0.0), (1.0, 0.5), (4.0, 2.5), (4.5, 2.5), (5.0, 3.0), (10.0, 4.0),
+                  (11.0, 5.0)])
+    watch = faithfulness.Stopwatch(clock=lambda: next(ticks))  # started at (0, 0)
+    with watch("load"):  # (1, 0.5) to (4, 2.5)
+        pass
+    assert watch.seconds == {"load": (3.0, 2.0)}
+    with watch("fit") as same:  # (4.5, 2.5) to (5, 3)
+        assert same is watch
+    table = watch.table("rest")  # at (10, 4)
+    assert list(table.index) == ["load", "fit", "rest"]
+    assert list(table.columns) == ["wall s", "CPU s"]
+    np.testing.assert_allclose(table["wall s"], [3.0, 0.5, 6.5])
+    np.testing.assert_allclose(table["CPU s"], [2.0, 0.5, 1.5])
+    with pytest.raises(ZeroDivisionError):  # a part that fails is not recorded
+        with watch("broken"):
+            1 / 0
+    assert "broken" not in watch.seconds
+
+
+def test_perturbation_and_road_figures_draw_every_method():
+    curve = np.array([[1.0, 0.5, 0.0], [0.5, 0.5, 0.5]])
+    curves = {"A": {"deletion": curve, "insertion": curve[:, ::-1]},
+              "random": {"deletion": curve * 0.5, "insertion": curve * 0.5}}
+    fig = faithfulness.perturbation_figure(curves, "title")
+    deletion, insertion = fig.axes
+    assert [line.get_label() for line in deletion.lines] == ["A (AUC 0.500)", "random (AUC 0.250)"]
+    np.testing.assert_allclose(deletion.lines[0].get_xdata(), [0, 0.5, 1])
+    np.testing.assert_allclose(insertion.lines[0].get_ydata(), [0.25, 0.5, 0.75])
+    assert deletion.lines[1].get_linestyle() == "--" and fig._suptitle.get_text() == "title"
+
+    def result(level):
+        return {"fractions": np.array([0.25, 0.5]), "morf": np.full((2, 3), level),
+                "lerf": np.full((2, 3), 1 - level), "morf_auc": np.full(2, level),
+                "lerf_auc": np.full(2, 1 - level)}
+
+    results = {f"m{i}": result(i / 20) for i in range(11)} | {"random": result(0.5)}
+    fig = faithfulness.road_figure(results, "road")
+    morf, lerf = fig.axes
+    assert len(morf.lines) == 12 and morf.get_xlim() == (0.0, 0.5)
+    np.testing.assert_allclose(morf.lines[0].get_xdata(), [0, 0.25, 0.5])
+    assert morf.lines[3].get_label() == "m3 (0.150)" and lerf.lines[3].get_label() == "m3 (0.850)"
+    colours = [tuple(line.get_color()) for line in morf.lines[:11]]
+    assert len(set(colours[:10])) == 10 and colours[10] == colours[0]  # ten colours, then again
+    assert morf.lines[-1].get_color() == "black" and morf.lines[-1].get_linestyle() == "--"
+
+
+def test_sanity_figure_keeps_the_stage_order():
+    rows = [{"stage": s, "reinitialised": name, "method": m, "spearman": rho}
+            for s, name in [(1, "top"), (0, "none"), (2, "all")] for m in ("A", "B")
+            for rho in (1.0 - s / 2, 0.9 - s / 2)]
+    fig = faithfulness.sanity_figure(pd.DataFrame(rows), "sanity", seed=0)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "top", "all"]
+    assert ax.get_title() == "sanity" and ax.get_ylim() == (-1.05, 1.05)
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["A", "B"]
+
+
+def test_cost_figure_takes_its_reference_from_a_row():
+    table = pd.DataFrame({"ms/image": [10.0, np.nan], "LeRF - MoRF": [0.3, 0.05],
+                          "LeRF - MoRF CI low": [0.2, -0.02], "LeRF - MoRF CI high": [0.4, 0.1]},
+                         index=["A", "random"])
+    ax = faithfulness.cost_figure(table, reference="random").axes[0]
+    assert ax.lines[0].get_ydata()[0] == 0.05  # the reference line at random's mean
+    band = ax.patches[0]  # its interval, shaded
+    assert band.get_y() == pytest.approx(-0.02) and band.get_height() == pytest.approx(0.12)
+    assert [t.get_text() for t in ax.texts] == ["random maps", "A"]  # random: no cost, no point

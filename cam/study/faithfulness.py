@@ -1,5 +1,5 @@
-"""Many saliency methods on the same images without paying twice, and what each one costs:
-the helpers behind notebooks/03-saliency and notebooks/05-faithfulness.
+"""Many saliency methods on the same images without paying twice, what each one costs, and
+how faithful each one is: the helpers behind notebooks/03-saliency and notebooks/05-faithfulness.
 
 * :func:`explain_together`: raw maps of several explainers at one layer, the trunk run once
   per batch for all of them, and what each method costs per image on its own;
@@ -8,31 +8,45 @@ the helpers behind notebooks/03-saliency and notebooks/05-faithfulness.
   method that does not start from the layer (Occlusion);
 * :class:`CachedPredict`: a predict function that runs the model once per distinct image;
 * :func:`image_metrics`: the per-image metrics that take one forward pass per image;
+* notebook 05's steps: :func:`original_methods` and :func:`study_methods` (the explainers),
+  :func:`round_robin` (the ROAD sample), :func:`maps_and_cost` (every method's maps and what
+  each costs), :func:`study_masks` (the grain masks), :func:`score_maps` (the cheap metrics
+  and the deletion and insertion curves), :func:`road_scores` and :func:`with_road` (ROAD),
+  :class:`Stopwatch` (wall and CPU time per part);
 * the tables of notebook 05: :func:`cost_table` (what each method costs),
   :func:`mean_ci_rows` and :func:`metric_table` (per-image values to means with bootstrap
-  intervals), :func:`summary_table` (one "mean [low, high]" cell per metric and method),
-  :func:`road_table` and :func:`road_summary` (ROAD per method), :func:`sanity_summary`
-  (the randomisation check per stage);
-* :func:`cost_figure`: ROAD's LeRF - MoRF against milliseconds per image, one labelled point
-  per method.
+  intervals, :data:`BETTER` saying which way each metric is better), :func:`summary_table`
+  (one "mean [low, high]" cell per metric and method), :func:`road_table` and
+  :func:`road_summary` (ROAD per method), :func:`sanity_summary` (the randomisation check per
+  stage);
+* its figures: :func:`perturbation_figure` (deletion and insertion curves),
+  :func:`road_figure` (ROAD curves), :func:`cost_figure` (ROAD's LeRF - MoRF against
+  milliseconds per image, one labelled point per method), :func:`sanity_figure` (Spearman per
+  stage of the randomisation check).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from tqdm.auto import tqdm
 
-from .. import metrics, road
-from ..explainers import AblationExplainer, GradientExplainer
-from ..methods import ScoreCAM
+from .. import (AblationCAM, AblationExplainer, FastAblationCAM, GradCAM, GradCAMPlusPlus,
+               GradientExplainer, HiResCAM, LayerCAM, Occlusion, ReciproCAM, ScoreCAM,
+               XGradCAM, metrics, road)
+from ..maps import normalize_maps, upsample_maps
+from . import segment
 
 #: Explainers whose maps start from the target layer's activation, so one trunk pass can
 #: serve them all (Occlusion perturbs pixels and is explained on its own).
@@ -201,6 +215,160 @@ def image_metrics(predict, images, maps, masks, targets, scores,
             "energy in mask": metrics.energy_in_mask(maps, masks)}
 
 
+def original_methods(window: int = 1, batch_size: int = 128) -> dict:
+    """The study's original three methods as ``{name: factory(model, layer)}``, what
+    :func:`cam.sanity.randomisation_check` rebuilds on every re-initialised copy: Grad-CAM,
+    Ablation-CAM, and FastAblationCAM with ``window``; the two ablation methods score
+    ``batch_size`` ablated activations per head call."""
+    return {
+        "Grad-CAM": lambda model, layer: GradCAM(model, layer),
+        "Ablation-CAM": lambda model, layer: AblationCAM(model, layer, batch_size=batch_size),
+        "FastAblationCAM": lambda model, layer: FastAblationCAM(model, layer, window=window,
+                                                                batch_size=batch_size),
+    }
+
+
+def study_methods(model, layer: str, factories: Mapping, batch_size: int = 128,
+                  scorecam_channels: int = 32, occlusion_window: int = 32) -> tuple[dict, dict]:
+    """Notebook 05's explainers of ``model`` at ``layer``, as two ``{name: explainer}`` dicts.
+
+    The first holds the methods that start from the layer's activation, so that one trunk pass
+    per image serves them all (:func:`explain_together`): ``factories``' methods
+    (:func:`original_methods`), then Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM and ReciproCAM
+    (``batch_size`` masked activations per head call). The second holds the costly methods,
+    which run the whole network once per channel or patch: Score-CAM on the
+    ``scorecam_channels`` channels that vary most (Faster Score-CAM) and Occlusion with
+    ``occlusion_window``-pixel patches, each name saying its setting."""
+    layer_methods = {name: factory(model, layer) for name, factory in factories.items()} | {
+        "Grad-CAM++": GradCAMPlusPlus(model, layer),
+        "XGrad-CAM": XGradCAM(model, layer),
+        "LayerCAM": LayerCAM(model, layer),
+        "HiResCAM": HiResCAM(model, layer),
+        "ReciproCAM": ReciproCAM(model, layer, batch_size=batch_size),
+    }
+    costly = {
+        f"Score-CAM (top {scorecam_channels} ch.)": ScoreCAM(
+            model, layer, channels=scorecam_channels, batch_size=16),
+        f"Occlusion ({occlusion_window} px)": Occlusion(model, layer, window=occlusion_window,
+                                                        batch_size=25),
+    }
+    return layer_methods, costly
+
+
+def round_robin(labels, n: int = 0) -> np.ndarray:
+    """Positions in ``labels`` of the first item of every label, then of the second, and so on
+    (labels in sorted order within each round): a sample that reaches every class before it
+    repeats one. The first ``n`` positions (0: all)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0 (0: all), got {n}")
+    labels = np.asarray(labels)
+    rank = pd.Series(labels).groupby(labels).cumcount().to_numpy()  # k-th item of its label
+    return np.lexsort((labels, rank))[:n or None]  # by rank, then by label
+
+
+class Explained(NamedTuple):
+    """What :func:`maps_and_cost` returns."""
+
+    maps: dict            # {name: (n, H, W) float32 in [0, 1]}: layer methods, "random", costly
+    positions: dict       # {costly name: (n,) positions of the images its maps are of}
+    targets: np.ndarray   # (N,) the class explained: each image's predicted class
+    cost: pd.DataFrame    # :func:`cost_table`
+
+
+def maps_and_cost(layer_methods: Mapping, costly: Mapping, images, costly_sample, seed: int = 0,
+                  progress: bool = True) -> Explained:
+    """Every method's maps, normalised (ReLU, divided by the maximum) and upsampled to the
+    images, and what each method costs a user who explains one image per call.
+
+    ``layer_methods`` (:func:`study_methods`) explain every image, one image per call, sharing
+    the trunk pass (:func:`explain_together`); the classes they explain (each image's
+    predicted class) are the ``targets`` of the ``costly`` methods, which explain the images
+    at positions ``costly_sample`` only: Score-CAM (it starts from the layer's activation) with
+    its own trunk pass, Occlusion (it starts from the input) with :func:`explain_timed`.
+    ``"random"`` maps, every pixel uniform in [0, 1] drawn with ``seed``, follow the layer's
+    methods as the chance baseline. Cost (:func:`cost_table`): the median over the images
+    after the first, whose calls trace the compiled functions."""
+    images = np.asarray(images, dtype=np.float32)
+    costly_sample = np.asarray(costly_sample, dtype=np.int64)
+    shape = images.shape[1:3]
+    together = explain_together(layer_methods, images, batch_size=1, progress=progress)
+    targets = together.targets
+    maps = {name: upsample_maps(normalize_maps(r), shape) for name, r in together.raw.items()}
+    maps["random"] = np.random.default_rng(seed).uniform(0, 1, images.shape[:3]).astype(np.float32)
+    cost_ms = {name: together.ms_per_image(name) for name in layer_methods}
+    timed_images = dict.fromkeys(layer_methods, len(images) - 1)
+    picked, wanted = images[costly_sample], targets[costly_sample]
+    for name, e in costly.items():
+        if isinstance(e, SHARES_TRUNK):
+            alone = explain_together({name: e}, picked, wanted, batch_size=1, progress=progress)
+            maps[name] = upsample_maps(normalize_maps(alone.raw[name]), shape)
+            cost_ms[name] = alone.ms_per_image(name)
+        else:
+            alone = explain_timed(e, picked, wanted)
+            maps[name], cost_ms[name] = alone.maps, alone.ms_per_image
+        if not np.array_equal(alone.targets, wanted):
+            raise RuntimeError(f"{name} explained classes {alone.targets}, asked for {wanted}")
+        timed_images[name] = len(costly_sample) - 1
+    cost = cost_table(cost_ms, {**layer_methods, **costly}, timed_images, whole_network=costly)
+    return Explained(maps, dict.fromkeys(costly, costly_sample), targets, cost)
+
+
+def all_zero_share(maps: Mapping) -> dict[str, float]:
+    """``{name: share of its maps that are zero everywhere}``, rounded to 3 decimals: a map
+    that says nothing (e.g. Grad-CAM where every weighted channel is negative)."""
+    return {name: round(float((np.asarray(m).reshape(len(m), -1).max(axis=1) == 0).mean()), 3)
+            for name, m in maps.items()}
+
+
+def study_masks(dataset: str, root, files, images, progress: bool = True
+                ) -> tuple[np.ndarray, str]:
+    """Grain masks (N, H, W) bool of ``images`` (N, H, W, 3) and how they were made: for the
+    synthetic stand-in the exact masks it was drawn with (:func:`cam.study.segment.synthetic_masks`
+    of ``files`` under ``root``), else segmented from the images
+    (:func:`cam.study.segment.grain_masks`: Otsu on the colour distance from the background,
+    then morphology)."""
+    images = np.asarray(images)
+    if dataset == "synthetic":
+        if images.shape[1] != images.shape[2]:
+            raise ValueError(f"synthetic images are square, got {images.shape[1:3]}")
+        return segment.synthetic_masks(root, files, images.shape[1]), "exact (synthetic)"
+    return (segment.grain_masks(images.astype(np.uint8), progress=progress),
+            "segmented (Otsu + morphology)")
+
+
+def score_maps(predict, images, maps: Mapping, masks, targets, scores, positions=None,
+               curved=(), steps: int = 8, batch_size: int = 32, progress: bool = True
+               ) -> tuple[dict, dict]:
+    """Every map's cheap metrics, and the deletion and insertion curves of some.
+
+    ``maps`` is ``{name: (n, H, W)}``, of the images at ``positions[name]`` where
+    ``positions`` (a dict) names it, else of every image; ``targets`` (N,) the class
+    explained and ``scores`` (N,) its probability on each image. Returns ``per_image``,
+    ``{name: {metric: (n,) values}}`` (:func:`image_metrics`, plus ``"deletion AUC"`` and
+    ``"insertion AUC"`` for the methods in ``curved``), and ``curves``,
+    ``{name in curved: {mode: (n, steps + 1)}}`` (:func:`cam.metrics.perturbation_curves`).
+    ``predict`` (images -> probabilities, e.g. a :class:`CachedPredict`) runs in batches of
+    ``batch_size``."""
+    positions = positions or {}
+    missing = [name for name in [*curved, *positions] if name not in maps]
+    if missing:
+        raise ValueError(f"no maps for {missing}; the maps are of {list(maps)}")
+    images, targets, scores = np.asarray(images), np.asarray(targets), np.asarray(scores)
+    per_image, curves = {}, {}
+    for name, m in maps.items():
+        pick = np.asarray(positions.get(name, np.arange(len(images))))
+        if len(m) != len(pick):
+            raise ValueError(f"{name}: {len(m)} maps for {len(pick)} images")
+        per_image[name] = image_metrics(predict, images[pick], m, masks[pick], targets[pick],
+                                        scores[pick], batch_size)
+        if name in curved:
+            curves[name] = {mode: metrics.perturbation_curves(
+                predict, images[pick], m, targets[pick], mode, steps=steps,
+                batch_size=batch_size, progress=progress) for mode in metrics.PERTURBATION_MODES}
+            per_image[name] |= {f"{mode} AUC": metrics.auc(c) for mode, c in curves[name].items()}
+    return per_image, curves
+
+
 def cost_table(cost_ms: Mapping, explainers: Mapping, timed_images: Mapping,
                whole_network=()) -> pd.DataFrame:
     """What each method of ``cost_ms`` (``{method: milliseconds per image}``) costs, one row
@@ -227,6 +395,12 @@ def mean_ci_rows(values: Mapping, confidence: float = 0.95, resamples: int = 200
                      f"{confidence:.0%} CI high": high, "images": int(np.isfinite(v).sum()),
                      "NaN": int(np.isnan(v).sum())})
     return pd.DataFrame(rows).set_index("name")
+
+
+#: Which way each metric of notebook 05 is better, in the order of its tables.
+BETTER = {"Average Drop %": "lower", "Increase in Confidence %": "higher", "deletion AUC": "lower",
+          "insertion AUC": "higher", "pointing game %": "higher", "energy in mask": "higher",
+          "ROAD MoRF AUC": "lower", "ROAD LeRF AUC": "higher", "ROAD LeRF - MoRF": "higher"}
 
 
 def metric_table(per_image: Mapping, better: Mapping, confidence: float = 0.95,
@@ -297,12 +471,73 @@ def road_summary(results: Mapping, cost: pd.DataFrame, paired_images: int,
     return table
 
 
+def road_scores(predict, images, maps: Mapping, targets, sample, fractions=road.ROAD_FRACTIONS,
+                positions=None, **kwargs) -> dict:
+    """ROAD of every map (:func:`cam.road.road_by_method`), ``{name: result}`` in the order of
+    ``maps``: a map that ``positions`` names is scored on the images it is of (its
+    ``positions[name]``), every other one (maps of every image) on the images at ``sample``.
+    Maps scored on the same images share one call, so an imputed image that several of them
+    ask for is computed and scored once. ``targets`` (N,) is the class explained; ``kwargs``
+    go to :func:`cam.road.road_by_method` (``batch_size``, ``seed``, ``workers``, ...)."""
+    positions = positions or {}
+    targets = np.asarray(targets)
+    groups: dict[tuple, list] = {}
+    for name in maps:
+        pick = positions[name] if name in positions else sample
+        groups.setdefault(tuple(np.asarray(pick, dtype=np.int64).tolist()), []).append(name)
+    results = {}
+    for pick, names in groups.items():
+        pick = np.array(pick, dtype=np.int64)
+        results |= road.road_by_method(
+            predict, images[pick], {n: maps[n] if n in positions else maps[n][pick] for n in names},
+            targets[pick], fractions, **kwargs)
+    return {name: results[name] for name in maps}
+
+
+def with_road(per_image: Mapping, results: Mapping) -> dict:
+    """``per_image`` (``{method: {metric: values}}``) with each method's three ROAD numbers
+    from ``results`` (:func:`road_scores`) added as ``"ROAD <label>"`` (:data:`ROAD_SCORES`)."""
+    unknown = [name for name in results if name not in per_image]
+    if unknown:
+        raise ValueError(f"ROAD results for {unknown}, which have no per-image metrics")
+    return {name: {**values, **({f"ROAD {label}": results[name][key]
+                                 for key, label in ROAD_SCORES.items()} if name in results else {})}
+            for name, values in per_image.items()}
+
+
 def sanity_summary(sanity: pd.DataFrame) -> pd.DataFrame:
     """The rows of :func:`cam.sanity.randomisation_check` (as a DataFrame), one row per stage
     (``stage``, ``reinitialised``, ``layers``) and, per method, the ``mean``, ``std`` and
     ``count`` of the Spearman correlations over the images (NaNs, constant maps, not counted)."""
     return (sanity.groupby(["stage", "reinitialised", "layers", "method"], sort=True)["spearman"]
             .agg(["mean", "std", "count"]).unstack("method"))
+
+
+class Stopwatch:
+    """Wall and CPU seconds (``time.perf_counter``, ``time.process_time``) of named parts of
+    a notebook, from the stopwatch's start: ``with watch("ROAD"): ...`` times one part,
+    ``watch.seconds[part]`` is its (wall, CPU), :meth:`table` all of them and the rest."""
+
+    def __init__(self, clock=None):
+        self.clock = clock or (lambda: (time.perf_counter(), time.process_time()))
+        self.started = self.clock()
+        self.seconds: dict[str, tuple[float, float]] = {}
+
+    @contextmanager
+    def __call__(self, part: str):
+        wall, cpu = self.clock()
+        yield self
+        now_wall, now_cpu = self.clock()
+        self.seconds[part] = (now_wall - wall, now_cpu - cpu)
+
+    def table(self, rest: str = "everything else") -> pd.DataFrame:
+        """One row per part (``wall s``, ``CPU s``), then ``rest``: the time since the start
+        that no part accounts for."""
+        total = pd.DataFrame.from_dict(self.seconds, orient="index", columns=["wall s", "CPU s"])
+        now = self.clock()
+        total.loc[rest] = (now[0] - self.started[0] - total["wall s"].sum(),
+                           now[1] - self.started[1] - total["CPU s"].sum())
+        return total
 
 
 def _spread(positions: np.ndarray, gap: float) -> np.ndarray:
@@ -325,15 +560,18 @@ def _spread(positions: np.ndarray, gap: float) -> np.ndarray:
     return out
 
 
-def cost_figure(table: pd.DataFrame, reference: tuple | None = None,
+def cost_figure(table: pd.DataFrame, reference: tuple | str | None = None,
                 score: str = "LeRF - MoRF", title: str = "", highlight: str | None = None,
                 label_gap: float = 0.045):
     """Faithfulness against cost: ``table[score]`` with its 95% interval (``"<score> CI low"``,
     ``"<score> CI high"``) against ``table["ms/image"]`` on a log axis, one labelled point per
     method (rows with no cost are skipped; a label says ``n=`` where the ``images`` column is
-    below its maximum). ``reference`` (mean, low, high), e.g. random maps, is drawn as a
-    horizontal line with its interval shaded; ``highlight`` names a method drawn in red.
-    Returns the figure."""
+    below its maximum). ``reference`` (mean, low, high), or the name of a row of ``table`` to
+    take them from (e.g. ``"random"``: random maps), is drawn as a horizontal line with its
+    interval shaded; ``highlight`` names a method drawn in red. Returns the figure."""
+    if isinstance(reference, str):
+        row = table.loc[reference]
+        reference = (row[score], row[f"{score} CI low"], row[f"{score} CI high"])
     shown = table.dropna(subset=["ms/image"])
     fig, ax = plt.subplots(figsize=(8.5, 5.4))
     if reference is not None:
@@ -375,5 +613,64 @@ def cost_figure(table: pd.DataFrame, reference: tuple | None = None,
                     arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=3)
                     if abs(ly - py) > 0.01 else None)
     ax.grid(True, which="both", axis="x", alpha=0.2)
+    fig.tight_layout()
+    return fig
+
+
+def perturbation_figure(curves: Mapping, title: str = ""):
+    """The mean deletion (black substrate) and insertion (blurred substrate) curve of each
+    method of ``curves`` (:func:`score_maps`), side by side, each labelled with its mean AUC;
+    random maps dashed. Returns the figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, mode in zip(axes, metrics.PERTURBATION_MODES):
+        for name, c in curves.items():
+            ax.plot(np.linspace(0, 1, c[mode].shape[1]), c[mode].mean(axis=0), marker=".",
+                    ls="--" if name == "random" else "-",
+                    label=f"{name} (AUC {metrics.auc(c[mode]).mean():.3f})")
+        ax.set(title=f"{mode} ({'black' if mode == 'deletion' else 'blurred'} substrate)",
+               xlabel=f"fraction of pixels {'deleted' if mode == 'deletion' else 'inserted'}",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("probability of the predicted class (mean)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def road_figure(results: Mapping, title: str = ""):
+    """The mean ROAD curves of each method of ``results`` (:func:`road_scores`), MoRF and
+    LeRF side by side, each labelled with its mean AUC; random maps dashed and black, the
+    others in alternate colours of ``tab20``. Returns the figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    palette = itertools.cycle(plt.cm.tab20(np.linspace(0, 1, 20))[::2])
+    colours = {name: "black" if name == "random" else next(palette) for name in results}
+    last = max(float(r["fractions"][-1]) for r in results.values())
+    for ax, order, label in zip(axes, road.ROAD_ORDERS, ["MoRF", "LeRF"]):
+        for name, r in results.items():
+            ax.plot(np.concatenate([[0.0], r["fractions"]]), r[order].mean(axis=0), marker=".",
+                    ls="--" if name == "random" else "-", color=colours[name],
+                    label=f"{name} ({r[f'{order}_auc'].mean():.3f})")
+        ax.set(title=f"ROAD {label}: {'most' if order == 'morf' else 'least'} relevant pixels "
+                     f"removed first ({'lower' if order == 'morf' else 'higher'} is better)",
+               xlabel="fraction of pixels removed and imputed", xlim=(0, last), ylim=(0, 1))
+        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7)
+    axes[0].set_ylabel("probability of the predicted class (mean)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_figure(sanity: pd.DataFrame, title: str = "", seed: int = 0):
+    """The rows of :func:`cam.sanity.randomisation_check` (as a DataFrame) as the mean
+    Spearman correlation with the original map per stage (in the order of the stages) and
+    method, with seaborn's 95% bootstrap interval (``seed``). Returns the figure."""
+    order = sanity.sort_values("stage", kind="stable").drop_duplicates("stage")["reinitialised"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    sns.pointplot(data=sanity, x="reinitialised", y="spearman", hue="method",
+                  order=order.tolist(), errorbar=("ci", 95), dodge=0.3, ax=ax, seed=seed)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="re-initialised cumulatively, from the output down",
+           ylabel="Spearman vs original map", ylim=(-1.05, 1.05), title=title)
+    ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
