@@ -74,9 +74,9 @@ _EXPORTS = {
     "allow_tf32": "backend",
     "Quantile": "maps",
     "Split": "graph",
-    "TokenGrid": "graph",
-    "candidate_layers": "graph",
-    "layer_table": "graph",
+    "TokenGrid": "tokens",
+    "candidate_layers": "layers",
+    "layer_table": "layers",
 }
 __all__ = sorted([*_EXPORTS, "METHODS", "method_key", "register_method"])
 __version__ = "0.2.0"

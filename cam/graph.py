@@ -19,14 +19,13 @@ inside. Keras has no public API for that graph: every private access goes throug
 :mod:`cam.keras_internals`, which fails loudly on a Keras version it does not know.
 
 Token layers (a Vision Transformer's (batch, tokens, channels) outputs) are explained on their
-patch grid: :class:`TokenGrid` says which tokens form the (h, w) grid and which ones (a class
+patch grid: :class:`cam.tokens.TokenGrid` says which tokens form the (h, w) grid and which ones (a class
 token) are carried past the cut unchanged, like the bypass, and are never ablated.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -36,6 +35,7 @@ from keras import tree
 
 from .keras_internals import (activation_swapped, call_takes_training, fill_in_arguments,
                               functional_graph, graph_nodes)
+from .tokens import TokenGrid, square_tokens
 
 Key = tuple  # (call path, id of the KerasTensor in its own graph)
 
@@ -149,7 +149,7 @@ class LayerGraph:
             if name not in leaf_names or len(calls) != 1 or len(calls[0]) != 1:
                 continue
             shape = tuple(self.specs[calls[0][0]].shape)
-            if _has_grid(shape) or _square_tokens(shape):
+            if _has_grid(shape) or square_tokens(shape):
                 out.append((self.short_name(name), shape))
         return out
 
@@ -213,104 +213,6 @@ class LayerGraph:
 
 def _has_grid(shape: tuple) -> bool:
     return len(shape) == 4 and all(d is None or d > 1 for d in shape[1:3])
-
-
-def _square_tokens(shape: tuple) -> bool:
-    """A (batch, tokens, channels) shape that :meth:`TokenGrid.infer` can lay out by itself."""
-    if len(shape) != 3 or shape[1] is None:
-        return False
-    try:
-        TokenGrid.infer(shape[1])
-    except ValueError:
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class TokenGrid:
-    """How a (batch, tokens, channels) layer output lays out on an (h, w) patch grid.
-
-    Tokens ``prefix .. prefix + h*w`` are the patches in row-major order; the ``prefix`` tokens
-    before them (a class token, a distillation token) and the ``suffix`` tokens after them
-    (register tokens) are carried past the cut unchanged and never ablated.
-
-    Pass it as ``reshape=`` to an explainer; ``reshape=(h, w)`` means
-    ``TokenGrid(h, w, prefix=tokens - h*w)``; ``reshape=None`` lets :meth:`infer` decide.
-    """
-
-    height: int
-    width: int
-    prefix: int = 0
-    suffix: int = 0
-
-    def __post_init__(self):
-        for name in ("height", "width", "prefix", "suffix"):
-            value = getattr(self, name)
-            least = 1 if name in ("height", "width") else 0
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                    or value < least:
-                raise ValueError(f"TokenGrid {name} must be an int >= {least}, got {value!r}")
-
-    @property
-    def tokens(self) -> int:
-        return self.prefix + self.height * self.width + self.suffix
-
-    @classmethod
-    def infer(cls, tokens: int, reshape=None, layer: str = "the layer") -> "TokenGrid":
-        """The layout of ``tokens`` tokens: ``reshape`` (None, ``(h, w)`` or a TokenGrid), or
-        for None a square g x g grid, or a class token first and then a g x g grid."""
-        if tokens is None:
-            raise ValueError(f"{layer} has an unknown number of tokens (the model's input size "
-                             f"is not fixed); build the model with a fixed image size")
-        if isinstance(reshape, TokenGrid):
-            grid = reshape
-        elif reshape is not None:
-            if not (isinstance(reshape, (tuple, list)) and len(reshape) == 2):
-                raise ValueError(f"reshape must be None, (height, width) or a cam.TokenGrid, "
-                                 f"got {reshape!r}")
-            h, w = (int(v) for v in reshape)
-            if h * w > tokens:
-                raise ValueError(f"reshape={tuple(reshape)} needs {h * w} tokens but {layer} "
-                                 f"outputs {tokens}")
-            grid = cls(h, w, prefix=tokens - h * w)
-        else:
-            for extra in (0, 1):
-                g = math.isqrt(max(tokens - extra, 0))
-                if g > 1 and g * g == tokens - extra:
-                    return cls(g, g, prefix=extra)
-            raise ValueError(
-                f"{layer} outputs {tokens} tokens, which is neither a square grid (g*g) nor a "
-                f"class token and a square grid (1 + g*g), so the tokens cannot be laid out on "
-                f"a patch grid by themselves; pass reshape=(height, width) (the extra tokens "
-                f"first) or reshape=cam.TokenGrid(height, width, prefix=..., suffix=...)"
-            )
-        if grid.tokens != tokens:
-            raise ValueError(f"{grid} covers {grid.tokens} tokens but {layer} outputs {tokens}")
-        return grid
-
-    def to_grid(self, tokens) -> tuple[Any, list]:
-        """(B, tokens, C) -> the (B, h, w, C) grid and the list of carried tokens."""
-        channels = tokens.shape[-1]
-        end = self.prefix + self.height * self.width
-        grid = keras.ops.reshape(tokens[:, self.prefix:end],
-                                 (-1, self.height, self.width, channels))
-        extras = [tokens[:, :self.prefix]] if self.prefix else []
-        if self.suffix:
-            extras.append(tokens[:, end:])
-        return grid, extras
-
-    def from_grid(self, grid, extras: Sequence) -> Any:
-        """Inverse of :meth:`to_grid`: the grid and the carried tokens back to (B, tokens, C)."""
-        channels = grid.shape[-1]
-        flat = keras.ops.reshape(grid, (-1, self.height * self.width, channels))
-        parts = list(extras[:1]) + [flat] + list(extras[1:]) if self.prefix \
-            else [flat] + list(extras)
-        return keras.ops.concatenate(parts, axis=1) if len(parts) > 1 else flat
-
-    @property
-    def carried(self) -> int:
-        """How many carried-token tensors :meth:`to_grid` returns (0, 1 or 2)."""
-        return int(self.prefix > 0) + int(self.suffix > 0)
 
 
 def _is_activation(fn, name: str) -> bool:
@@ -563,82 +465,3 @@ def needed_calls(calls: list[Call], wanted: set) -> list[Call]:
             kept.append(call)
             wanted.update(call.arg_keys)
     return kept[::-1]
-
-
-def candidate_layers(model: keras.Model) -> list[tuple[str, tuple]]:
-    """``[(name, output_shape), ...]`` of the layers a CAM can target, in graph order.
-
-    A candidate has one 4-D output (batch, h, w, channels) with h, w > 1 (or unknown), or one
-    token output (batch, tokens, channels) whose tokens are a square grid, after a class token
-    if there is one. Layers inside nested models are included; their name is qualified
-    (``outer/inner``) only when the plain name is not unique. The list index is what
-    ``layer=<int>`` means; :func:`layer_table` prints it as a table.
-    """
-    return LayerGraph.from_model(model).candidates()
-
-
-class LayerTable(list):
-    """The rows of :func:`layer_table`: a list of dicts with the keys in :attr:`columns`.
-
-    ``str(table)`` is an aligned plain-text table (what ``cam layers`` prints), the candidate
-    index as an unlabeled left column; :meth:`to_frame` is the same as a pandas DataFrame
-    (pandas is imported only there: the library does not need it).
-    """
-
-    #: The keys of every row, in column order ("index" is the ``layer=<int>`` to pass).
-    columns = ("index", "layer", "output shape", "grid", "head-only", "head layers", "note")
-
-    def to_frame(self):
-        """The table as a pandas DataFrame indexed by the candidate index (named "index")."""
-        import pandas as pd
-
-        data = [{k: row[k] for k in self.columns[1:]} for row in self]
-        return pd.DataFrame(data, columns=list(self.columns[1:]),
-                            index=pd.Index([row["index"] for row in self], name="index"))
-
-    def __str__(self) -> str:
-        # Numbers and flags right-aligned, text left-aligned, two spaces between columns.
-        names = self.columns[1:]
-        cells = [[str(row["index"])] + [str(row[k]) for k in names] for row in self]
-        header = [""] + list(names)
-        widths = [max(len(r[i]) for r in [header] + cells) for i in range(len(header))]
-        right = [True] + [k in ("head-only", "head layers") for k in names]
-
-        def line(values):
-            return "  ".join(v.rjust(w) if r else v.ljust(w)
-                             for v, w, r in zip(values, widths, right)).rstrip()
-
-        return "\n".join([line(header)] + [line(c) for c in cells])
-
-    def __repr__(self) -> str:
-        return self.__str__()
-
-
-def layer_table(model: keras.Model, score: str = "logit") -> LayerTable:
-    """The candidate layers as a table: which ``layer=`` to pass, and what it costs.
-
-    Returns a :class:`LayerTable`, one row dict per candidate (``print`` it for an aligned
-    table, ``.to_frame()`` for a pandas DataFrame indexed by the candidate index): the
-    ``index`` (``layer=<int>``), the ``layer`` name, ``output shape``, the ``grid`` the map is
-    on (``8x8``; ``8x8 +1 token`` for a class token carried past the cut), ``head-only``
-    (True when the model splits at the layer so the ablation methods rerun only the head;
-    False with the reason in ``note`` otherwise) and ``head layers`` (how many layer calls
-    each ablation reruns, out of the model's total).
-    """
-    graph = LayerGraph.from_model(model)
-    rows = LayerTable()
-    for index, (name, shape) in enumerate(graph.candidates()):
-        row = {"index": index, "layer": name, "output shape": shape, "grid": "",
-               "head-only": False, "head layers": "", "note": ""}
-        try:
-            split = Split(model, name, score, graph=graph)
-        except ValueError as err:
-            row["note"] = str(err).split(";")[0]
-        else:
-            h, w = split.target_shape[:2]
-            row["grid"] = f"{h}x{w}" + (f" +{split.tokens.prefix + split.tokens.suffix} token"
-                                        if split.tokens and split.tokens.carried else "")
-            row["head-only"] = True
-            row["head layers"] = f"{len(split.head_calls)}/{len(graph.calls)}"
-        rows.append(row)
-    return rows

@@ -134,24 +134,8 @@ def noisy_linear_impute(images, removed, noise: float = ROAD_NOISE, seed=0,
     -------
     array (N, H, W, C), float32 for float32 and 8/16-bit integer images, float64 for float64.
     """
-    images = np.asarray(images)
-    removed = np.asarray(removed)
-    if images.ndim != 4:
-        raise ValueError(f"images must be a (N, H, W, C) batch, got shape {images.shape}")
-    if removed.shape != images.shape[:3]:
-        raise ValueError(f"removed must be a (N, H, W) = {images.shape[:3]} mask matching the "
-                         f"images, got shape {removed.shape}")
-    if removed.dtype != bool:
-        raise TypeError(f"removed must be boolean, got dtype {removed.dtype}")
-    if not (np.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
-    if value_range is not None and not (np.isfinite(value_range) and value_range > 0):
-        raise ValueError(f"value_range must be None or a finite number > 0, got {value_range!r}")
-    n, h, w, c = images.shape
-    full = removed.reshape(n, -1).all(axis=1) if h * w else np.zeros(n, bool)
-    if full.any():
-        raise ValueError(f"image {int(np.argmax(full))} has every pixel removed: noisy linear "
-                         f"imputation needs at least one kept pixel to impute from")
+    images, removed = _check_impute(images, removed, noise, value_range)
+    n = len(images)
     sparse = require("scipy.sparse", "cam.road.noisy_linear_impute")
     linalg = require("scipy.sparse.linalg", "cam.road.noisy_linear_impute")
     out = images.astype(np.result_type(images.dtype, np.float32), copy=True)
@@ -166,6 +150,29 @@ def noisy_linear_impute(images, removed, noise: float = ROAD_NOISE, seed=0,
             values = values + scale * rng.standard_normal(values.shape)
         out[i][removed[i]] = values
     return out
+
+
+def _check_impute(images, removed, noise, value_range):
+    """The arguments of :func:`noisy_linear_impute` as arrays, or a clear error."""
+    images = np.asarray(images)
+    removed = np.asarray(removed)
+    if images.ndim != 4:
+        raise ValueError(f"images must be a (N, H, W, C) batch, got shape {images.shape}")
+    if removed.shape != images.shape[:3]:
+        raise ValueError(f"removed must be a (N, H, W) = {images.shape[:3]} mask matching the "
+                         f"images, got shape {removed.shape}")
+    if removed.dtype != bool:
+        raise TypeError(f"removed must be boolean, got dtype {removed.dtype}")
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+    if value_range is not None and not (np.isfinite(value_range) and value_range > 0):
+        raise ValueError(f"value_range must be None or a finite number > 0, got {value_range!r}")
+    n, h, w, _ = images.shape
+    full = removed.reshape(n, -1).all(axis=1) if h * w else np.zeros(n, bool)
+    if full.any():
+        raise ValueError(f"image {int(np.argmax(full))} has every pixel removed: noisy linear "
+                         f"imputation needs at least one kept pixel to impute from")
+    return images, removed
 
 
 def _workers(workers) -> int:

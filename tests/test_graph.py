@@ -8,7 +8,8 @@ import pytest
 from keras import layers as L
 
 import cam
-from cam.graph import LayerTable, Split, needed_calls
+from cam.graph import Split, needed_calls
+from cam.layers import LayerTable
 
 
 def _np(t) -> np.ndarray:

@@ -11,7 +11,8 @@ from keras import layers as L
 
 import cam
 from cam import backend
-from cam.graph import Split, TokenGrid
+from cam.graph import Split
+from cam.tokens import TokenGrid
 from cam.study.vit import build_vit
 from conftest import assert_rel_close, raw
 

@@ -20,17 +20,16 @@ import http.client
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from .archive import is_junk, unpack_all
 from .paths import POLEN23E_DEFAULT_DIR, POLEN23E_ENV
 
 #: figshare article 1525086 holds POLEN23E (Gonçalves et al. 2016, PLOS ONE 11(6): e0157044).
@@ -56,9 +55,6 @@ CLASS_ALIASES: Mapping[str, str] = {
     "ditans": "mimosa",
 }
 
-_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
-_NESTING_LIMIT = 3
 _CHUNK = 1 << 20
 _USER_AGENT = "cam-polen23e-downloader/0.1 (Python urllib)"
 # A class prefix is the leading run of letters, followed by "_" or by " (" (e.g. "senegalia (1)").
@@ -96,14 +92,6 @@ def is_image(path: Path | str) -> bool:
     return PurePosixPath(str(path)).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _is_junk(rel_parts: Iterable[str]) -> bool:
-    """macOS resource forks, Finder/Explorer metadata and other hidden files."""
-    for part in rel_parts:
-        if part == "__MACOSX" or part.startswith(".") or part.lower() in _JUNK_NAMES:
-            return True
-    return False
-
-
 def count_images(root: Path) -> Counter[str]:
     """Images per class under ``root``: one folder per class, or flat ``class_NN`` names."""
     counts: Counter[str] = Counter()
@@ -112,7 +100,7 @@ def count_images(root: Path) -> Counter[str]:
         return counts
     for path in root.rglob("*"):
         rel = path.relative_to(root)
-        if not path.is_file() or _is_junk(rel.parts) or not is_image(path):
+        if not path.is_file() or is_junk(rel.parts) or not is_image(path):
             continue
         folder = rel.parts[-2] if len(rel.parts) > 1 else None
         label = _class_from_folder(folder) if folder else class_from_name(path.name)
@@ -183,97 +171,6 @@ def _fetch(url: str, target: Path, timeout: float, progress: bool) -> int:
     return written
 
 
-# ----------------------------------------------------------------------------- unpacking
-
-
-def _unsafe_reason(name: str) -> str | None:
-    """Why an archive member name is unsafe to extract, or None when it is safe."""
-    normalised = name.replace("\\", "/")
-    if normalised.startswith("/") or re.match(r"^[A-Za-z]:", normalised):
-        return "absolute path"
-    if ".." in normalised.split("/"):
-        return "'..' in path"
-    if "\x00" in name:
-        return "NUL byte in name"
-    return None
-
-
-def _is_archive_name(name: str) -> bool:
-    return name.lower().endswith(_ARCHIVE_SUFFIXES)
-
-
-def _extract_archive(archive: Path, into: Path, label: str) -> None:
-    """Unpack a zip or tar archive into ``into``; refuse unsafe members before writing anything."""
-    into.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    reason = _unsafe_reason(info.filename)
-                    if reason:
-                        raise RuntimeError(
-                            f"Refusing to unpack {label}: member {info.filename!r} has an "
-                            f"unsafe path ({reason})."
-                        )
-                zf.extractall(into)
-        except zipfile.BadZipFile as err:
-            raise RuntimeError(f"{label} is a damaged zip archive: {err}.") from err
-        return
-    try:
-        is_tar = tarfile.is_tarfile(archive)
-    except OSError:
-        is_tar = False
-    if is_tar:
-        try:
-            with tarfile.open(archive, mode="r:*") as tf:
-                members = tf.getmembers()
-                for member in members:
-                    reason = _unsafe_reason(member.name)
-                    if reason is None and not (member.isfile() or member.isdir()):
-                        reason = "link or special file"
-                    if reason:
-                        raise RuntimeError(
-                            f"Refusing to unpack {label}: member {member.name!r} has an "
-                            f"unsafe path ({reason})."
-                        )
-                if hasattr(tarfile, "data_filter"):
-                    tf.extractall(into, members=members, filter="data")
-                else:  # pragma: no cover - Python without PEP 706 filters
-                    tf.extractall(into, members=members)
-        except tarfile.TarError as err:
-            raise RuntimeError(f"{label} is a damaged tar archive: {err}.") from err
-        return
-    with open(archive, "rb") as fh:
-        head = fh.read(64)
-    raise RuntimeError(
-        f"{label} is neither a zip nor a tar archive (it starts with {head[:32]!r})."
-    )
-
-
-def _unpack_all(archive: Path, root: Path, label: str) -> set[Path]:
-    """Unpack ``archive`` into ``root``, then any archives nested in it; return all roots."""
-    _extract_archive(archive, root, label)
-    roots = {root}
-    pending = [root]
-    for _depth in range(_NESTING_LIMIT):
-        nested: list[Path] = []
-        for base in pending:
-            for path in sorted(base.rglob("*")):
-                rel = path.relative_to(root)
-                if path.is_file() and not _is_junk(rel.parts) and _is_archive_name(path.name):
-                    nested.append(path)
-        if not nested:
-            break
-        pending = []
-        for inner in nested:
-            target = inner.with_name(inner.name + ".unpacked")
-            _extract_archive(inner, target, f"nested archive {inner.name!r}")
-            inner.unlink()
-            roots.add(target)
-            pending.append(target)
-    return roots
-
-
 # ----------------------------------------------------------------------------- layout
 
 
@@ -287,7 +184,7 @@ def _scan(
         if path.is_dir():
             continue
         rel = path.relative_to(tree)
-        if _is_junk(rel.parts) or not path.is_file() or not is_image(path):
+        if is_junk(rel.parts) or not path.is_file() or not is_image(path):
             ignored.append(rel.as_posix())
             continue
         parent = path.parent
@@ -335,6 +232,52 @@ def _lay_out(labels: Mapping[Path, str], staging: Path) -> int:
 # ----------------------------------------------------------------------------- public API
 
 
+def _already_complete(dest: Path, n_classes: int, per_class: int, force: bool, say) -> bool:
+    """Whether ``dest`` already holds a complete copy; an error for an incomplete one unless
+    ``force`` (it is then replaced once the new copy is verified)."""
+    if not dest.exists():
+        return False
+    if not dest.is_dir():
+        raise RuntimeError(
+            f"{dest} exists and is not a directory; move it away or pick another --dest."
+        )
+    existing = count_images(dest)
+    if _is_complete(existing, n_classes, per_class):
+        say(
+            f"POLEN23E is already complete in {dest} ({_format_counts_short(existing)}); "
+            "nothing to download."
+        )
+        return True
+    if any(dest.iterdir()) and not force:
+        raise RuntimeError(
+            f"{dest} exists but is not a complete POLEN23E copy ({_format_counts(existing)}); "
+            f"delete it, rerun with --force, or set {POLEN23E_ENV} to a complete local copy."
+        )
+    return False
+
+
+def _classify(images, n_classes: int, per_class: int, url: str) -> dict:
+    """Each image's class: the file-name prefix names the class (flat Kaggle layout), the
+    parent folder is the fallback; if that labelling is not complete, folder names first.
+    A clear error when neither gives ``n_classes`` classes of ``per_class`` images."""
+    labels, counts, unclassified = _label(images, prefer_name=True)
+    if not (_is_complete(counts, n_classes, per_class) and not unclassified):
+        alt_labels, alt_counts, alt_unclassified = _label(images, prefer_name=False)
+        if _is_complete(alt_counts, n_classes, per_class) and not alt_unclassified:
+            labels, counts, unclassified = alt_labels, alt_counts, alt_unclassified
+    if unclassified or not _is_complete(counts, n_classes, per_class):
+        found = _format_counts(counts)
+        if unclassified:
+            found += (
+                f"; {len(unclassified)} image(s) with no class (e.g. {unclassified[0].name!r})"
+            )
+        raise RuntimeError(
+            f"The archive from {url} is not the expected POLEN23E: expected {n_classes} "
+            f"classes x {per_class} images, found {found}. {_manual_hint(url)}"
+        )
+    return labels
+
+
 def download_polen23e(
     dest: Path = POLEN23E_DEFAULT_DIR,
     url: str = POLEN23E_URL,
@@ -363,23 +306,8 @@ def download_polen23e(
     say = (lambda _msg: None) if quiet else print
     dest = Path(dest).expanduser()
 
-    if dest.exists():
-        if not dest.is_dir():
-            raise RuntimeError(
-                f"{dest} exists and is not a directory; move it away or pick another --dest."
-            )
-        existing = count_images(dest)
-        if _is_complete(existing, n_classes, per_class):
-            say(
-                f"POLEN23E is already complete in {dest} ({_format_counts_short(existing)}); "
-                "nothing to download."
-            )
-            return dest
-        if any(dest.iterdir()) and not force:
-            raise RuntimeError(
-                f"{dest} exists but is not a complete POLEN23E copy ({_format_counts(existing)}); "
-                f"delete it, rerun with --force, or set {POLEN23E_ENV} to a complete local copy."
-            )
+    if _already_complete(dest, n_classes, per_class, force, say):
+        return dest
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-download-", dir=dest.parent))
@@ -390,7 +318,7 @@ def download_polen23e(
         say(f"Downloaded {size / 2**20:.1f} MiB; unpacking.")
 
         tree = work / "unpacked"
-        roots = _unpack_all(archive, tree, f"the archive from {url}")
+        roots = unpack_all(archive, tree, f"the archive from {url}")
         archive.unlink()
 
         images, ignored = _scan(tree, roots)
@@ -398,23 +326,7 @@ def download_polen23e(
             examples = ", ".join(ignored[:3]) + (", ..." if len(ignored) > 3 else "")
             say(f"Ignored {len(ignored)} non-image file(s) ({examples}).")
 
-        # The file-name prefix names the class (flat Kaggle layout); the parent folder is the
-        # fallback. If that labelling is not complete, try folder names first instead.
-        labels, counts, unclassified = _label(images, prefer_name=True)
-        if not (_is_complete(counts, n_classes, per_class) and not unclassified):
-            alt_labels, alt_counts, alt_unclassified = _label(images, prefer_name=False)
-            if _is_complete(alt_counts, n_classes, per_class) and not alt_unclassified:
-                labels, counts, unclassified = alt_labels, alt_counts, alt_unclassified
-        if unclassified or not _is_complete(counts, n_classes, per_class):
-            found = _format_counts(counts)
-            if unclassified:
-                found += (
-                    f"; {len(unclassified)} image(s) with no class (e.g. {unclassified[0].name!r})"
-                )
-            raise RuntimeError(
-                f"The archive from {url} is not the expected POLEN23E: expected {n_classes} "
-                f"classes x {per_class} images, found {found}. {_manual_hint(url)}"
-            )
+        labels = _classify(images, n_classes, per_class, url)
 
         staging = work / "staging"
         staging.mkdir()

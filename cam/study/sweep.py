@@ -35,6 +35,34 @@ def _timed(explainer, images, targets):
     return result, (time.perf_counter() - start) / len(images)
 
 
+def _explainer(model, layer, window, batch_size):
+    """(explainer, method) for one setting of the sweep; (None, method) for a window larger
+    than the layer's grid. A new FastAblationCAM per window: explainers at one layer share
+    its compiled trunk and scoring, so this compiles nothing again."""
+    if window == "Grad-CAM":
+        return GradCAM(model, layer), "Grad-CAM"
+    if window == "Ablation-CAM":
+        return AblationCAM(model, layer, batch_size=batch_size), "Ablation-CAM"
+    if window > min(GradCAM(model, layer).split.target_shape[:2]):
+        return None, "FastAblationCAM"
+    return (FastAblationCAM(model, layer, window=int(window), batch_size=batch_size),
+            "FastAblationCAM")
+
+
+def _agreement(other: str, ref, raw, upsampled, top_fraction: float) -> dict:
+    """Spearman and top-``top_fraction`` IoU of a setting's maps with ``other``'s maps
+    ``ref`` (NaN without them), on the images both have."""
+    if ref is None:
+        return {f"Spearman vs {other}": np.nan, f"IoU vs {other}": np.nan}
+    m = min(len(ref), len(raw))
+    size = upsampled.shape[1:3]
+    return {f"Spearman vs {other}": float(np.nanmean(metrics.spearman(raw[:m], ref[:m]))),
+            f"IoU vs {other}": float(np.mean(metrics.top_iou(
+                upsampled[:m], M.upsample_maps(M.normalize_maps(ref[:m]), size),
+                top_fraction))),
+            f"images vs {other}": m}
+
+
 def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few: int = 2,
                        max_evaluations: int = 300, ablation_grid: int = 7,
                        deletion_steps: int = 8, top_fraction: float = 0.2, batch_size: int = 64,
@@ -68,20 +96,11 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
     reference = {}
     for layer, window in bar:
         bar.set_postfix_str(f"{layer} {window}")
-        if window == "Grad-CAM":
-            explainer, method = GradCAM(model, layer), "Grad-CAM"
-        elif window == "Ablation-CAM":
-            explainer, method = AblationCAM(model, layer, batch_size=batch_size), "Ablation-CAM"
-        else:
-            # A new FastAblationCAM per window: explainers at one layer share its compiled
-            # trunk and scoring, so this compiles nothing again.
-            grid = GradCAM(model, layer).split.target_shape
-            if window > min(grid[:2]):
-                continue
-            explainer = FastAblationCAM(model, layer, window=int(window), batch_size=batch_size)
-            method = "FastAblationCAM"
+        explainer, method = _explainer(model, layer, window, batch_size)
+        if explainer is None:
+            continue
         grid = explainer.split.target_shape
-        evaluations = getattr(explainer, "evaluations_per_image", 1)
+        evaluations = explainer.evaluations_per_image
         if method == "Ablation-CAM":
             n = len(images) if max(grid[:2]) <= ablation_grid else min(few, len(images))
         else:
@@ -109,14 +128,8 @@ def layer_window_sweep(model, images, targets, layers, windows=(1, 2, 3, 4), few
                "deletion AUC": mean, "deletion AUC low": low, "deletion AUC high": high}
         for other in ("Grad-CAM", "Ablation-CAM"):
             ref = reference.get((layer, other))
-            if ref is None or other == method:
-                row[f"Spearman vs {other}"] = row[f"IoU vs {other}"] = np.nan
-                continue
-            m = min(len(ref), n)
-            row[f"Spearman vs {other}"] = float(np.nanmean(metrics.spearman(raw[:m], ref[:m])))
-            row[f"IoU vs {other}"] = float(np.mean(metrics.top_iou(
-                upsampled[:m], M.upsample_maps(M.normalize_maps(ref[:m]), size), top_fraction)))
-            row[f"images vs {other}"] = m
+            row.update(_agreement(other, None if other == method else ref, raw, upsampled,
+                                  top_fraction))
         records.append(row)
     table = pd.DataFrame(records).set_index(["layer", "method", "window"])
     return table, raws

@@ -154,6 +154,23 @@ def finetune_at_eval_size(model: keras.Model, images: np.ndarray, one_hot: np.nd
     return pd.DataFrame(history.history)
 
 
+def compiled_model(cfg: TrainConfig, classes: int, steps: int) -> keras.Model:
+    """``cfg.architecture`` for ``classes`` classes, compiled with AdamW on a warm-up then
+    cosine schedule of ``steps`` steps an epoch, and label-smoothed cross-entropy."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}")
+    model = ARCHITECTURES[cfg.architecture](classes, image_size=None)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=steps * (cfg.epochs - cfg.warmup_epochs),
+        warmup_target=cfg.learning_rate, warmup_steps=steps * cfg.warmup_epochs)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=["accuracy"],
+    )
+    return model
+
+
 def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainConfig,
           out_stem: str | None = None, out_dir: Path = paths.MODELS_DIR):
     """Train on every fold but ``cfg.held_out_fold``; return (model, history, summary).
@@ -173,18 +190,7 @@ def train(root: Path, folds: pd.DataFrame, classes: tuple[str, ...], cfg: TrainC
     x_test = cached_images(root, test_rows["file"], cfg.eval_size)
     y_test = test_rows["label"].to_numpy()
 
-    if cfg.architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {cfg.architecture!r}")
-    model = ARCHITECTURES[cfg.architecture](len(classes), image_size=None)
-    steps = len(x_train) // cfg.batch_size
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=steps * (cfg.epochs - cfg.warmup_epochs),
-        warmup_target=cfg.learning_rate, warmup_steps=steps * cfg.warmup_epochs)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy"],
-    )
+    model = compiled_model(cfg, len(classes), len(x_train) // cfg.batch_size)
     one_hot = keras.utils.to_categorical(y_train, len(classes))
     ds = training_dataset(x_train, one_hot, cfg)
     held_out_curve = HeldOutCurve(x_test_small, y_test, cfg.eval_every, cfg.batch_size)

@@ -1,0 +1,110 @@
+"""Token layers: how a Vision Transformer's (batch, tokens, channels) output lays out on its
+patch grid, with the tokens that are not patches (a class token, a distillation token,
+registers) carried past the cut unchanged and never perturbed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+
+def square_tokens(shape: tuple) -> bool:
+    """A (batch, tokens, channels) shape that :meth:`TokenGrid.infer` can lay out by itself."""
+    if len(shape) != 3 or shape[1] is None:
+        return False
+    try:
+        TokenGrid.infer(shape[1])
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a (batch, tokens, channels) layer output lays out on an (h, w) patch grid.
+
+    Tokens ``prefix .. prefix + h*w`` are the patches in row-major order; the ``prefix`` tokens
+    before them (a class token, a distillation token) and the ``suffix`` tokens after them
+    (register tokens) are carried past the cut unchanged and never ablated.
+
+    Pass it as ``reshape=`` to an explainer; ``reshape=(h, w)`` means
+    ``TokenGrid(h, w, prefix=tokens - h*w)``; ``reshape=None`` lets :meth:`infer` decide.
+    """
+
+    height: int
+    width: int
+    prefix: int = 0
+    suffix: int = 0
+
+    def __post_init__(self):
+        for name in ("height", "width", "prefix", "suffix"):
+            value = getattr(self, name)
+            least = 1 if name in ("height", "width") else 0
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or value < least:
+                raise ValueError(f"TokenGrid {name} must be an int >= {least}, got {value!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.prefix + self.height * self.width + self.suffix
+
+    @classmethod
+    def infer(cls, tokens: int, reshape=None, layer: str = "the layer") -> "TokenGrid":
+        """The layout of ``tokens`` tokens: ``reshape`` (None, ``(h, w)`` or a TokenGrid), or
+        for None a square g x g grid, or a class token first and then a g x g grid."""
+        if tokens is None:
+            raise ValueError(f"{layer} has an unknown number of tokens (the model's input size "
+                             f"is not fixed); build the model with a fixed image size")
+        if isinstance(reshape, TokenGrid):
+            grid = reshape
+        elif reshape is not None:
+            if not (isinstance(reshape, (tuple, list)) and len(reshape) == 2):
+                raise ValueError(f"reshape must be None, (height, width) or a cam.TokenGrid, "
+                                 f"got {reshape!r}")
+            h, w = (int(v) for v in reshape)
+            if h * w > tokens:
+                raise ValueError(f"reshape={tuple(reshape)} needs {h * w} tokens but {layer} "
+                                 f"outputs {tokens}")
+            grid = cls(h, w, prefix=tokens - h * w)
+        else:
+            for extra in (0, 1):
+                g = math.isqrt(max(tokens - extra, 0))
+                if g > 1 and g * g == tokens - extra:
+                    return cls(g, g, prefix=extra)
+            raise ValueError(
+                f"{layer} outputs {tokens} tokens, which is neither a square grid (g*g) nor a "
+                f"class token and a square grid (1 + g*g), so the tokens cannot be laid out on "
+                f"a patch grid by themselves; pass reshape=(height, width) (the extra tokens "
+                f"first) or reshape=cam.TokenGrid(height, width, prefix=..., suffix=...)"
+            )
+        if grid.tokens != tokens:
+            raise ValueError(f"{grid} covers {grid.tokens} tokens but {layer} outputs {tokens}")
+        return grid
+
+    def to_grid(self, tokens) -> tuple[Any, list]:
+        """(B, tokens, C) -> the (B, h, w, C) grid and the list of carried tokens."""
+        channels = tokens.shape[-1]
+        end = self.prefix + self.height * self.width
+        grid = keras.ops.reshape(tokens[:, self.prefix:end],
+                                 (-1, self.height, self.width, channels))
+        extras = [tokens[:, :self.prefix]] if self.prefix else []
+        if self.suffix:
+            extras.append(tokens[:, end:])
+        return grid, extras
+
+    def from_grid(self, grid, extras: Sequence) -> Any:
+        """Inverse of :meth:`to_grid`: the grid and the carried tokens back to (B, tokens, C)."""
+        channels = grid.shape[-1]
+        flat = keras.ops.reshape(grid, (-1, self.height * self.width, channels))
+        parts = list(extras[:1]) + [flat] + list(extras[1:]) if self.prefix \
+            else [flat] + list(extras)
+        return keras.ops.concatenate(parts, axis=1) if len(parts) > 1 else flat
+
+    @property
+    def carried(self) -> int:
+        """How many carried-token tensors :meth:`to_grid` returns (0, 1 or 2)."""
+        return int(self.prefix > 0) + int(self.suffix > 0)
