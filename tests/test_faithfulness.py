@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 import cam  # noqa: E402
 from cam import metrics, road  # noqa: E402
-from cam.study import faithfulness, models  # noqa: E402
+from cam.study import faithfulness, faithfulness_figures, models  # noqa: E402
 
 pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
 
@@ -230,9 +230,9 @@ def test_sanity_summary_by_hand():
 
 
 def test_spread_moves_overlapping_labels_apart_symmetrically():
-    np.testing.assert_allclose(faithfulness._spread(np.array([0.5, 0.0, 0.01]), 0.1),
+    np.testing.assert_allclose(faithfulness_figures._spread(np.array([0.5, 0.0, 0.01]), 0.1),
                                [0.5, -0.045, 0.055])
-    np.testing.assert_allclose(faithfulness._spread(np.array([0.0, 0.3]), 0.1), [0.0, 0.3])
+    np.testing.assert_allclose(faithfulness_figures._spread(np.array([0.0, 0.3]), 0.1), [0.0, 0.3])
 
 
 def test_cost_figure_labels_every_costed_method():

@@ -13,22 +13,13 @@ how faithful each one is: the helpers behind notebooks/03-saliency and notebooks
   each costs), :func:`study_masks` (the grain masks), :func:`score_maps` (the cheap metrics
   and the deletion and insertion curves), :func:`road_scores` and :func:`with_road` (ROAD),
   :class:`Stopwatch` (wall and CPU time per part);
-* the tables of notebook 05: :func:`cost_table` (what each method costs),
-  :func:`mean_ci_rows` and :func:`metric_table` (per-image values to means with bootstrap
-  intervals, :data:`BETTER` saying which way each metric is better), :func:`summary_table`
-  (one "mean [low, high]" cell per metric and method), :func:`road_table` and
-  :func:`road_summary` (ROAD per method), :func:`sanity_summary` (the randomisation check per
-  stage);
-* its figures: :func:`perturbation_figure` (deletion and insertion curves),
-  :func:`road_figure` (ROAD curves), :func:`cost_figure` (ROAD's LeRF - MoRF against
-  milliseconds per image, one labelled point per method), :func:`sanity_figure` (Spearman per
-  stage of the randomisation check).
+* the tables of notebook 05 are in :mod:`cam.study.faithfulness_tables` and its figures in
+  :mod:`cam.study.faithfulness_figures`, both importable from here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -36,10 +27,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import cv2
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from tqdm.auto import tqdm
 
 from .. import (AblationCAM, AblationExplainer, FastAblationCAM, GradCAM, GradCAMPlusPlus,
@@ -47,6 +36,12 @@ from .. import (AblationCAM, AblationExplainer, FastAblationCAM, GradCAM, GradCA
                XGradCAM, metrics, road)
 from ..maps import normalize_maps, upsample_maps
 from . import segment
+# notebook 05 reads its tables and figures through this module
+from .faithfulness_figures import (cost_figure, perturbation_figure, road_figure,  # noqa: F401
+                                   sanity_figure)
+from .faithfulness_tables import (BETTER, ROAD_SCORES, cost_table, mean_ci_rows,  # noqa: F401
+                                  metric_table, road_summary, road_table, sanity_summary,
+                                  summary_table)
 
 #: Explainers whose maps start from the target layer's activation, so one trunk pass can
 #: serve them all (Occlusion perturbs pixels and is explained on its own).
@@ -369,108 +364,6 @@ def score_maps(predict, images, maps: Mapping, masks, targets, scores, positions
     return per_image, curves
 
 
-def cost_table(cost_ms: Mapping, explainers: Mapping, timed_images: Mapping,
-               whole_network=()) -> pd.DataFrame:
-    """What each method of ``cost_ms`` (``{method: milliseconds per image}``) costs, one row
-    per method in that order: ``evaluations/image`` (its explainer's ``evaluations_per_image``,
-    1 where it has none), ``runs`` (``"whole network"`` for the methods in ``whole_network``,
-    else ``"head (trunk once)"``), ``timed images`` (from ``timed_images``) and ``ms/image``."""
-    methods = list(cost_ms)
-    return pd.DataFrame({
-        "evaluations/image": [getattr(explainers[n], "evaluations_per_image", 1) for n in methods],
-        "runs": ["whole network" if n in whole_network else "head (trunk once)" for n in methods],
-        "timed images": [timed_images[n] for n in methods],
-        "ms/image": [cost_ms[n] for n in methods]}, index=methods).rename_axis("method")
-
-
-def mean_ci_rows(values: Mapping, confidence: float = 0.95, resamples: int = 2000,
-                 seed: int = 0) -> pd.DataFrame:
-    """``{name: per-image values}`` -> one row per name: mean, bootstrap interval
-    (:func:`cam.metrics.bootstrap_ci`), images (finite values) and NaN count."""
-    rows = []
-    for name, v in values.items():
-        v = np.asarray(v, dtype=np.float64)
-        mean, low, high = metrics.bootstrap_ci(v, confidence, resamples, seed)
-        rows.append({"name": name, "mean": mean, f"{confidence:.0%} CI low": low,
-                     f"{confidence:.0%} CI high": high, "images": int(np.isfinite(v).sum()),
-                     "NaN": int(np.isnan(v).sum())})
-    return pd.DataFrame(rows).set_index("name")
-
-
-#: Which way each metric of notebook 05 is better, in the order of its tables.
-BETTER = {"Average Drop %": "lower", "Increase in Confidence %": "higher", "deletion AUC": "lower",
-          "insertion AUC": "higher", "pointing game %": "higher", "energy in mask": "higher",
-          "ROAD MoRF AUC": "lower", "ROAD LeRF AUC": "higher", "ROAD LeRF - MoRF": "higher"}
-
-
-def metric_table(per_image: Mapping, better: Mapping, confidence: float = 0.95,
-                 resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """``{method: {metric: per-image values}}`` -> one row per (metric, method), methods in
-    their order and each method's metrics in theirs: ``better`` (``better[metric]``, e.g.
-    ``"lower"``), then :func:`mean_ci_rows`' mean, bootstrap interval, images and NaN count."""
-    parts = []
-    for method, values in per_image.items():
-        rows = mean_ci_rows(values, confidence, resamples, seed).rename_axis("metric")
-        parts.append(rows.assign(method=method, better=[better[m] for m in rows.index]))
-    table = pd.concat(parts).set_index("method", append=True)
-    return table[["better", *table.columns.drop("better")]]
-
-
-def summary_table(table: pd.DataFrame, better: Mapping, methods, images: int,
-                  confidence: float = 0.95) -> pd.DataFrame:
-    """:func:`metric_table` as one cell per metric (rows, in the order of ``better``, labelled
-    ``"<metric> (<better> is better)"``) and method (columns, in the order of ``methods``):
-    ``"mean [low, high]"`` to 3 significant digits, with ``" n=<images>"`` where the cell used
-    other than ``images`` images, and ``"not run"`` where the method has no such metric."""
-    low, high = f"{confidence:.0%} CI low", f"{confidence:.0%} CI high"
-    cells = [f"{r['mean'] + 0.0:.3g} [{r[low] + 0.0:.3g}, {r[high] + 0.0:.3g}]"  # + 0.0: no "-0"
-             + (f" n={r['images']}" if r["images"] != images else "")
-             for _, r in table.iterrows()]
-    wide = (table.assign(cell=cells)["cell"].unstack("method")
-            .reindex(index=list(better), columns=list(methods), fill_value="not run")
-            .fillna("not run"))
-    wide.index = [f"{m} ({better[m]} is better)" for m in wide.index]
-    return wide
-
-
-#: The three ROAD numbers per image, as :func:`cam.road.road` names them, and how the tables
-#: call them.
-ROAD_SCORES = {"morf_auc": "MoRF AUC", "lerf_auc": "LeRF AUC", "lerf_minus_morf": "LeRF - MoRF"}
-
-
-def road_table(results: Mapping, cost_ms: Mapping | None = None, seed: int = 0) -> pd.DataFrame:
-    """One row per method from ``{method: cam.road.road(...)}``: images, the mean of each
-    of :data:`ROAD_SCORES` with its 95% bootstrap interval, the mean curve at every fraction
-    (MoRF and LeRF), and ``ms/image`` from ``cost_ms`` where given."""
-    rows = []
-    for method, r in results.items():
-        row = {"method": method, "images": len(r["targets"])}
-        if cost_ms is not None:
-            row["ms/image"] = cost_ms.get(method, np.nan)
-        for key, label in ROAD_SCORES.items():
-            mean, low, high = metrics.bootstrap_ci(r[key], 0.95, 2000, seed)
-            row.update({label: mean, f"{label} CI low": low, f"{label} CI high": high})
-        for order, label in zip(road.ROAD_ORDERS, ("MoRF", "LeRF")):
-            for f, value in zip(r["fractions"], r[order][:, 1:].mean(axis=0)):
-                row[f"{label} {f:.0%}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("method")
-
-
-def road_summary(results: Mapping, cost: pd.DataFrame, paired_images: int,
-                 seed: int = 0) -> pd.DataFrame:
-    """:func:`road_table` with what each method costs from ``cost`` (:func:`cost_table`):
-    ``evaluations/image`` after ``images``, and ``ms/image``; NaN for a method ``cost`` lacks
-    (random maps). Last, ``"LeRF - MoRF, first <paired_images> images"``: every method's mean
-    gap on the first ``paired_images`` images only, so that methods scored on fewer images
-    (the costly ones) compare with the others on the same images."""
-    table = road_table(results, cost["ms/image"], seed)
-    table.insert(1, "evaluations/image", cost["evaluations/image"])
-    table[f"LeRF - MoRF, first {paired_images} images"] = [
-        r["lerf_minus_morf"][:paired_images].mean() for r in results.values()]
-    return table
-
-
 def road_scores(predict, images, maps: Mapping, targets, sample, fractions=road.ROAD_FRACTIONS,
                 positions=None, **kwargs) -> dict:
     """ROAD of every map (:func:`cam.road.road_by_method`), ``{name: result}`` in the order of
@@ -505,14 +398,6 @@ def with_road(per_image: Mapping, results: Mapping) -> dict:
             for name, values in per_image.items()}
 
 
-def sanity_summary(sanity: pd.DataFrame) -> pd.DataFrame:
-    """The rows of :func:`cam.sanity.randomisation_check` (as a DataFrame), one row per stage
-    (``stage``, ``reinitialised``, ``layers``) and, per method, the ``mean``, ``std`` and
-    ``count`` of the Spearman correlations over the images (NaNs, constant maps, not counted)."""
-    return (sanity.groupby(["stage", "reinitialised", "layers", "method"], sort=True)["spearman"]
-            .agg(["mean", "std", "count"]).unstack("method"))
-
-
 class Stopwatch:
     """Wall and CPU seconds (``time.perf_counter``, ``time.process_time``) of named parts of
     a notebook, from the stopwatch's start: ``with watch("ROAD"): ...`` times one part,
@@ -538,139 +423,3 @@ class Stopwatch:
         total.loc[rest] = (now[0] - self.started[0] - total["wall s"].sum(),
                            now[1] - self.started[1] - total["CPU s"].sum())
         return total
-
-
-def _spread(positions: np.ndarray, gap: float) -> np.ndarray:
-    """Positions moved apart to at least ``gap`` from each other, staying close to where they
-    were (labels next to points that would overlap). Keeps the input order."""
-    order = np.argsort(positions, kind="stable")
-    placed = positions[order].astype(float)
-    for _ in range(100):
-        moved = False
-        for i in range(1, len(placed)):
-            overlap = gap - (placed[i] - placed[i - 1])
-            if overlap > 1e-12:
-                placed[i - 1] -= overlap / 2
-                placed[i] += overlap / 2
-                moved = True
-        if not moved:
-            break
-    out = np.empty_like(placed)
-    out[order] = placed
-    return out
-
-
-def cost_figure(table: pd.DataFrame, reference: tuple | str | None = None,
-                score: str = "LeRF - MoRF", title: str = "", highlight: str | None = None,
-                label_gap: float = 0.045):
-    """Faithfulness against cost: ``table[score]`` with its 95% interval (``"<score> CI low"``,
-    ``"<score> CI high"``) against ``table["ms/image"]`` on a log axis, one labelled point per
-    method (rows with no cost are skipped; a label says ``n=`` where the ``images`` column is
-    below its maximum). ``reference`` (mean, low, high), or the name of a row of ``table`` to
-    take them from (e.g. ``"random"``: random maps), is drawn as a horizontal line with its
-    interval shaded; ``highlight`` names a method drawn in red. Returns the figure."""
-    if isinstance(reference, str):
-        row = table.loc[reference]
-        reference = (row[score], row[f"{score} CI low"], row[f"{score} CI high"])
-    shown = table.dropna(subset=["ms/image"])
-    fig, ax = plt.subplots(figsize=(8.5, 5.4))
-    if reference is not None:
-        mean, low, high = reference
-        ax.axhspan(low, high, color="grey", alpha=0.15, lw=0)
-        ax.axhline(mean, color="grey", ls="--", lw=1)
-        ax.annotate("random maps", (0.005, mean), xycoords=("axes fraction", "data"),
-                    xytext=(0, 3), textcoords="offset points", color="dimgrey", fontsize=8)
-    x, y = shown["ms/image"].to_numpy(float), shown[score].to_numpy(float)
-    low, high = shown[f"{score} CI low"].to_numpy(float), shown[f"{score} CI high"].to_numpy(float)
-    colours = ["tab:red" if name == highlight else "tab:blue" for name in shown.index]
-    for xi, yi, lo, hi, colour in zip(x, y, low, high, colours):
-        ax.errorbar(xi, yi, yerr=[[yi - lo], [hi - yi]], fmt="o", ms=6, capsize=3, color=colour,
-                    elinewidth=1, alpha=0.9)
-    ax.set_xscale("log")
-    ax.set_xlim(x.min() / 2, x.max() * 8)  # room for the labels right of the costliest point
-    ax.set(xlabel="cost: milliseconds per image (one image per call, median; log scale)",
-           ylabel=f"ROAD {score} (higher is more faithful)")
-    ax.set_title(title, fontsize=10)
-    names = list(shown.index)
-    if "images" in shown:
-        most = shown["images"].max()
-        names = [f"{name} (n={n})" if n < most else name for name, n in zip(names, shown["images"])]
-    # Labels right of their points; points within a fifth of the width share a column of labels,
-    # pushed apart vertically (in axes units) where they would overlap.
-    fig.canvas.draw()
-    to_axes = ax.transData + ax.transAxes.inverted()
-    points = to_axes.transform(np.column_stack([x, y]))
-    labels = points[:, 1].copy()
-    order = np.argsort(points[:, 0])
-    groups = np.split(order, np.flatnonzero(np.diff(points[order, 0]) > 0.2) + 1)
-    for group in groups:
-        labels[group] = _spread(points[group, 1], label_gap)
-    for (px, py), ly, name, colour in zip(points, labels, names, colours):
-        ax.annotate(name, (px, py), xycoords="axes fraction", xytext=(px + 0.025, ly),
-                    textcoords="axes fraction", va="center", fontsize=9,
-                    color="tab:red" if colour == "tab:red" else "black",
-                    fontweight="bold" if colour == "tab:red" else "normal",
-                    arrowprops=dict(arrowstyle="-", color="grey", lw=0.5, shrinkA=0, shrinkB=3)
-                    if abs(ly - py) > 0.01 else None)
-    ax.grid(True, which="both", axis="x", alpha=0.2)
-    fig.tight_layout()
-    return fig
-
-
-def perturbation_figure(curves: Mapping, title: str = ""):
-    """The mean deletion (black substrate) and insertion (blurred substrate) curve of each
-    method of ``curves`` (:func:`score_maps`), side by side, each labelled with its mean AUC;
-    random maps dashed. Returns the figure."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, mode in zip(axes, metrics.PERTURBATION_MODES):
-        for name, c in curves.items():
-            ax.plot(np.linspace(0, 1, c[mode].shape[1]), c[mode].mean(axis=0), marker=".",
-                    ls="--" if name == "random" else "-",
-                    label=f"{name} (AUC {metrics.auc(c[mode]).mean():.3f})")
-        ax.set(title=f"{mode} ({'black' if mode == 'deletion' else 'blurred'} substrate)",
-               xlabel=f"fraction of pixels {'deleted' if mode == 'deletion' else 'inserted'}",
-               xlim=(0, 1), ylim=(0, 1))
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("probability of the predicted class (mean)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def road_figure(results: Mapping, title: str = ""):
-    """The mean ROAD curves of each method of ``results`` (:func:`road_scores`), MoRF and
-    LeRF side by side, each labelled with its mean AUC; random maps dashed and black, the
-    others in alternate colours of ``tab20``. Returns the figure."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    palette = itertools.cycle(plt.cm.tab20(np.linspace(0, 1, 20))[::2])
-    colours = {name: "black" if name == "random" else next(palette) for name in results}
-    last = max(float(r["fractions"][-1]) for r in results.values())
-    for ax, order, label in zip(axes, road.ROAD_ORDERS, ["MoRF", "LeRF"]):
-        for name, r in results.items():
-            ax.plot(np.concatenate([[0.0], r["fractions"]]), r[order].mean(axis=0), marker=".",
-                    ls="--" if name == "random" else "-", color=colours[name],
-                    label=f"{name} ({r[f'{order}_auc'].mean():.3f})")
-        ax.set(title=f"ROAD {label}: {'most' if order == 'morf' else 'least'} relevant pixels "
-                     f"removed first ({'lower' if order == 'morf' else 'higher'} is better)",
-               xlabel="fraction of pixels removed and imputed", xlim=(0, last), ylim=(0, 1))
-        ax.legend(fontsize=7, title="method (AUC)", title_fontsize=7)
-    axes[0].set_ylabel("probability of the predicted class (mean)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def sanity_figure(sanity: pd.DataFrame, title: str = "", seed: int = 0):
-    """The rows of :func:`cam.sanity.randomisation_check` (as a DataFrame) as the mean
-    Spearman correlation with the original map per stage (in the order of the stages) and
-    method, with seaborn's 95% bootstrap interval (``seed``). Returns the figure."""
-    order = sanity.sort_values("stage", kind="stable").drop_duplicates("stage")["reinitialised"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    sns.pointplot(data=sanity, x="reinitialised", y="spearman", hue="method",
-                  order=order.tolist(), errorbar=("ci", 95), dodge=0.3, ax=ax, seed=seed)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="re-initialised cumulatively, from the output down",
-           ylabel="Spearman vs original map", ylim=(-1.05, 1.05), title=title)
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    return fig
