@@ -176,10 +176,9 @@ def worker(args) -> None:
 
 
 def scoring_calls(explainer) -> int:
-    """Calls so far of the compiled functions that explainers at this layer share, less the
-    trunk's and the head's (the forward pass): the scoring (Grad-CAM: gradient) calls."""
-    forward = {id(getattr(explainer, name, None)) for name in ("_trunk", "_head", "_full")}
-    return sum(f.calls for f in explainer._shared.functions.values() if id(f) not in forward)
+    """Calls so far of the explainer's compiled scoring (Grad-CAM: gradient) function, which
+    explainers of one kind at this layer share."""
+    return explainer.scorer.calls
 
 
 def variables_overhead(model, images, repeats: int) -> list:

@@ -30,6 +30,11 @@ class GradientExplainer(Explainer):
         # what they make of the gradient
         self._gradients = self.gradient_function(T.Class(0))
 
+    @property
+    def scorer(self) -> B.Compiled:
+        """The compiled gradient function that :meth:`explain` calls for a class target."""
+        return self.gradient_function(T.Class(0))
+
     def gradient_function(self, target) -> B.Compiled:
         """The compiled gradient of ``target``'s scores, shared by every gradient method on
         this model, layer and mode (they differ only in what they make of the gradient)."""

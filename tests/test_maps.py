@@ -306,3 +306,19 @@ def test_upsample_more_maps_than_opencv_resizes_at_once():
     out = M.upsample_maps(maps, (9, 12))
     one_by_one = [cv2.resize(m, (12, 9), interpolation=cv2.INTER_LINEAR) for m in maps]
     np.testing.assert_allclose(out, np.stack(one_by_one), atol=1e-6)
+
+
+def test_minmax_maps_by_hand():
+    """pytorch-grad-cam's scaling: ReLU, then (m - min) / (max - min + 1e-7) per map."""
+    maps = np.array([[[1.0, 2.0], [3.0, 5.0]],       # min 1 -> 0, unlike dividing by the max
+                     [[-1.0, 0.0], [2.0, 4.0]],      # ReLU first: min 0
+                     [[3.0, 3.0], [3.0, 3.0]]])      # constant: all zeros
+    out = M.minmax_maps(maps)
+    eps = np.float32(1e-7)
+    np.testing.assert_allclose(out[0], (maps[0] - 1) / (4 + eps), rtol=1e-6)
+    np.testing.assert_allclose(out[1], np.maximum(maps[1], 0) / (4 + eps), rtol=1e-6)
+    assert (out[2] == 0).all() and out.dtype == np.float32
+    assert not np.allclose(out[0], M.normalize_maps(maps)[:1])  # the conventions differ
+    # a threshold replaces ReLU's 0, as in normalize_maps
+    np.testing.assert_allclose(M.minmax_maps(maps[:1], threshold=2.5)[0],
+                               (np.maximum(maps[0], 2.5) - 2.5) / (2.5 + eps), rtol=1e-6)
