@@ -44,30 +44,12 @@ from . import batching
 from . import cache
 from . import maps as M
 from . import targets as T
+from .checks import check_int
 from .graph import Split
 
 MODES = ("head", "full")
 #: What ``normalize`` takes: True is "max".
 NORMALIZE = (True, False, "max", "minmax")
-
-
-def is_int(value) -> bool:
-    """An int (a NumPy integer too), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def check_int(name: str, value, low: int = 1, high: int | None = None,
-              allow_none: bool = False, none: str = "", why: str = "") -> int | None:
-    """``value`` as an int in ``low..high``, or None where ``allow_none`` (``none`` says what
-    None means); otherwise a clear error naming ``name``, the valid values and ``why``."""
-    if value is None and allow_none:
-        return None
-    if not is_int(value) or value < low or (high is not None and value > high):
-        valid = f"an int >= {low}" if high is None else f"an int between {low} and {high}"
-        if allow_none:
-            valid = f"None ({none}) or {valid}" if none else f"None or {valid}"
-        raise ValueError(f"{name} must be {valid}{why}, got {value!r}")
-    return int(value)
 
 
 def check_batch_size(batch_size) -> int | None:

@@ -16,7 +16,8 @@ from keras import ops
 from . import backend as B
 from . import combine as C
 from . import maps as M
-from .explainers import Setting, check_int, is_int
+from .checks import check_int, is_int
+from .explainers import Setting
 from .gradient import GradientExplainer
 from .perturbation import AblationExplainer, PerturbationExplainer
 

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._optional import require
+from .checks import check_int
 
 
 def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +69,7 @@ def top_iou(a, b, fraction: float = 0.2) -> np.ndarray:
 # the maps explained (the study explains logits and measures faithfulness on probabilities).
 
 
-def _images_and_maps(images, maps) -> tuple[np.ndarray, np.ndarray]:
+def images_and_maps(images, maps) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images)
     maps = np.asarray(maps, dtype=np.float32)
     if images.ndim != 4:
@@ -108,7 +109,7 @@ def explanation_masked(images, maps) -> np.ndarray:
     -------
     float32 array (N, H, W, C).
     """
-    images, maps = _images_and_maps(images, maps)
+    images, maps = images_and_maps(images, maps)
     if maps.size and (np.nanmin(maps) < 0 or np.nanmax(maps) > 1 or np.isnan(maps).any()):
         raise ValueError(f"maps must lie in [0, 1] (normalised maps), got values in "
                          f"[{np.nanmin(maps):.3g}, {np.nanmax(maps):.3g}]"
@@ -205,11 +206,9 @@ def perturbation_curves(predict, images, maps, targets=None, mode: str = "deleti
     """
     if mode not in PERTURBATION_MODES:
         raise ValueError(f"mode must be one of {PERTURBATION_MODES}, got {mode!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    images, maps = _images_and_maps(images, maps)
+    check_int("steps", steps)
+    check_int("batch_size", batch_size)
+    images, maps = images_and_maps(images, maps)
     n, h, w, c = images.shape
     if substrate is None:
         substrate = np.zeros_like(images) if mode == "deletion" else blurred(images, blur_sigma, blur_size)

@@ -29,7 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._optional import require
-from .metrics import _images_and_maps, perturbation_order, predict_batches
+from .checks import check_int
+from .metrics import images_and_maps, perturbation_order, predict_batches
 
 ROAD_ORDERS = ("morf", "lerf")
 #: The removal fractions 10%, 20%, ..., 90% (the defaults of pytorch-grad-cam's ROAD metrics).
@@ -183,16 +184,11 @@ def _road_arguments(images, maps, fractions, order, batch_size, seed, workers=1)
     if order not in ROAD_ORDERS:
         raise ValueError(f"order must be one of {ROAD_ORDERS} (most / least relevant first), "
                          f"got {order!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                             or seed < 0):
-        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or \
-            (workers < 1 and workers != -1):
-        raise ValueError(f"workers must be an integer >= 1, or -1 for one per CPU, got {workers!r}")
+    check_int("batch_size", batch_size)
+    check_int("seed", seed, low=0, allow_none=True, none="fresh randomness")
+    check_int("workers", workers, also=(-1,), why=" (-1: one per CPU)")
     fractions = _road_fractions(fractions)
-    images, maps = _images_and_maps(images, maps)
+    images, maps = images_and_maps(images, maps)
     pixels = images.shape[1] * images.shape[2]
     counts = np.rint(fractions * pixels).astype(np.int64)
     if (counts >= pixels).any():

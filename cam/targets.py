@@ -30,6 +30,7 @@ import numpy as np
 from keras import ops
 
 from . import backend as B
+from .checks import check_int, is_int
 
 
 class Target:
@@ -120,10 +121,7 @@ class Regression(Target):
     ``index`` of a (batch, D) one."""
 
     def __init__(self, index: int | None = None):
-        if index is not None and (not isinstance(index, (int, np.integer))
-                                  or isinstance(index, bool) or index < 0):
-            raise ValueError(f"index must be None or an int >= 0, got {index!r}")
-        self.index = None if index is None else int(index)
+        self.index = check_int("index", index, low=0, allow_none=True)
 
     @property
     def key(self):
@@ -155,8 +153,7 @@ class Region(Target):
     image (B, H, W), boolean or weights, at the output's resolution."""
 
     def __init__(self, k: int, mask):
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
-            raise ValueError(f"Region's class must be an int >= 0, got {k!r}")
+        check_int("Region's class", k, low=0)
         mask = np.asarray(mask)
         if mask.ndim not in (2, 3) or not (mask.dtype == bool
                                            or np.issubdtype(mask.dtype, np.number)):
@@ -271,7 +268,7 @@ def as_target(target) -> Target:
     """An int (a class) or a callable as a :class:`Target`."""
     if isinstance(target, Target):
         return target
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+    if is_int(target):
         return Class(int(target))
     if callable(target):
         return Function(target)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import keras
-import numpy as np
+from .checks import check_int
 
 
 def square_tokens(shape: tuple) -> bool:
@@ -44,9 +44,7 @@ class TokenGrid:
         for name in ("height", "width", "prefix", "suffix"):
             value = getattr(self, name)
             least = 1 if name in ("height", "width") else 0
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-                    or value < least:
-                raise ValueError(f"TokenGrid {name} must be an int >= {least}, got {value!r}")
+            check_int(f"TokenGrid {name}", value, low=least)
 
     @property
     def tokens(self) -> int:

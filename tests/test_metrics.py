@@ -118,7 +118,7 @@ def test_perturbation_curves_check_their_inputs():
         metrics.perturbation_curves(mean_pixel_predict, IMAGE, MAP, [0], "erase")
     with pytest.raises(ValueError, match=r"maps must be \(N, H, W\) = \(1, 2, 2\)"):
         metrics.perturbation_curves(mean_pixel_predict, IMAGE, MAP[:, :1], [0])
-    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
         metrics.perturbation_curves(mean_pixel_predict, IMAGE, MAP, [0], steps=0)
     with pytest.raises(ValueError, match=r"shape \(B, classes\) for B images; for 17 images it "
                                          r"returned shape \(17,\)"):

@@ -1,4 +1,5 @@
-"""cam.study.speed: the rows the speed study produces, their counts, extrapolation and memory sampling.
+"""cam.study.speed and its parts (speed_table, timing, speed_peer, seed_head): the rows the
+speed study produces, their counts, extrapolation, sample reuse and memory sampling.
 
 Times are never asserted (they depend on the machine); what is asserted is that every method,
 mode and layer gets its row, with the right number of evaluations and an honest ``measured``,
@@ -7,20 +8,23 @@ and, with the clock stubbed, the extrapolation arithmetic.
 
 from __future__ import annotations
 
+import ast
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import cam
-from cam.study import speed
+from cam.study import seed_head, speed, speed_table, timing
 from conftest import random_images
 
 pytestmark = pytest.mark.study  # the study's tests: `make test-backends` runs -m "not study"
 
 #: Occlusion on the 10x10 test images: 4-pixel patches every 2 pixels, starts 0, 2, 4, 6.
 OCCLUSION = (4, 2)
+STUDY_MODULES = ["speed.py", "speed_table.py", "speed_peer.py", "timing.py", "seed_head.py"]
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +41,16 @@ def table(study):
 
 
 def stub_clock(monkeypatch, values):
-    """Every timed call takes the next of ``values`` ms (the function still runs once)."""
+    """Every timed call takes the next of ``values`` ms (the function still runs once).
+    Returns the list of (warm_up, traces) each timing was asked with."""
     calls = []
 
-    def timings_ms(fn, repeats, warm_up=True):
-        calls.append(warm_up)
+    def timings_ms(fn, repeats, warm_up=True, cap_ms=None, traces=None):
+        calls.append((warm_up, traces))
         fn()
         return [next(values)] * repeats
 
-    monkeypatch.setattr(speed, "timings_ms", timings_ms)
+    monkeypatch.setattr(timing, "timings_ms", timings_ms)
     return calls
 
 
@@ -53,6 +58,8 @@ def small_study(model, **options):
     images = random_images(model.input_shape[1:], n=2)
     return speed.SpeedStudy(model, images, **{"repeats": 1, "progress": False, **options})
 
+
+# -- the whole table -----------------------------------------------------------------------
 
 def test_run_has_every_method_mode_and_window(table, dense_concat_model):
     assert list(table.columns) == speed.COLUMNS
@@ -80,8 +87,16 @@ def test_run_has_every_method_mode_and_window(table, dense_concat_model):
     occlusion = rows.loc[("Occlusion 4 px, stride 2", "full")]
     assert occlusion["layer"] == "input" and occlusion["grid"] == "10x10x3"
     assert (rows.xs("per-mask", level="mode")["batch size"] == 1).all()
+    # the library's path is named: relu1's head starts with a convolution, not a pooling
+    assert rows.loc[("Ablation-CAM", "head"), "notes"].endswith("(path head)")
+    assert rows.loc[("Ablation-CAM", "per-mask"), "notes"].endswith("(path full)")
     assert (table["ms/image"] > 0).all() and (table["peak MB"] > 0).all()
     assert (table["measured"] == "all").all()  # a generous budget runs every row completely
+    assert np.allclose(table["x forward"], table["ms/image"] / study_forward(table))
+
+
+def study_forward(table):
+    return table.loc[table["method"] == "forward pass", "ms/image"].item()
 
 
 def test_wall_times_cover_every_row(study, table):
@@ -89,6 +104,28 @@ def test_wall_times_cover_every_row(study, table):
     assert len(wall) == len(table) + 1  # and the forward pass timed again at the end
     assert (wall["seconds"] > 0).all()
     assert wall["method"].iloc[-1] == "forward pass (again)"
+
+
+def test_forward_is_settled_at_the_end(dense_concat_model, monkeypatch):
+    # a slow first forward timing (both clocks), then fast
+    stub_clock(monkeypatch, itertools.chain([400.0, 400.0], itertools.repeat(100.0)))
+    study = small_study(dense_concat_model)
+    table = study.run(["relu1"], windows=(1,), peer=False, others=False)
+    assert table.loc[0, "ms/image"] == 50.0 and study.forward_ms == 50.0
+    assert np.allclose(table["x forward"], table["ms/image"] / 50.0)
+    assert (table["method"] == "forward pass").sum() == 1
+
+
+# -- the protocol: samples, extrapolation, reuse -------------------------------------------
+
+def test_padded_rows_and_sample_sizes_by_hand():
+    # 32 rows at most 5 a call: 7 calls of 5 (35 pushed); 50 at most 8: 7 calls of 8 (56)
+    assert speed_table.padded_rows(32, 5) == 35 and speed_table.padded_rows(50, 8) == 56
+    assert speed_table.padded_rows(25, 64) == 25 and speed_table.call_rows(25, 10) == 9
+    assert speed_table.sample_size(1664, 64, 32) == 64  # one whole call at least
+    assert speed_table.sample_size(1664, 8, 32) == 32  # whole calls, about sample_masks
+    assert speed_table.sample_size(25, 64, 32) == 25  # never more than there are
+    assert speed_table.sample_size(49, 1, 32, per_mask=True) == 16
 
 
 def test_rows_over_budget_are_extrapolated_and_say_so(dense_concat_model):
@@ -106,8 +143,8 @@ def test_rows_over_budget_are_extrapolated_and_say_so(dense_concat_model):
 
 
 def test_extrapolation_counts_the_masks_actually_run(dense_concat_model, monkeypatch):
-    """25 masks in one batch of 25 (batch size 64): a row costs the trunk pass plus 25 mask
-    evaluations, not a padded 64. Every timing is stubbed to 100 ms to make that exact."""
+    """25 masks of 2 images in one call of 50 (batch size 64): a row costs the trunk pass
+    plus 25 rows per image, not a padded 64. Every timing is stubbed to 100 ms."""
     stub_clock(monkeypatch, itertools.repeat(100.0))
     study = small_study(dense_concat_model, batch_size=64, budget_s=0)
     study.forward()
@@ -117,31 +154,33 @@ def test_extrapolation_counts_the_masks_actually_run(dense_concat_model, monkeyp
     assert row["ms/image"] == 50.0 + 100.0  # trunk + 25 masks at 100/25 ms each
     row = study.scorecam("relu1", channels=3)
     assert row["evaluations/image"] == 3 and row["ms/image"] == 50.0 + 100.0
-    row = study.scorecam("relu1")  # 4 channels in one batch of 4: sampled anew
+    row = study.scorecam("relu1")  # 4 channels a call, not 3: sampled anew
     assert row["measured"].startswith("extrapolated: 4 of 4 channels")
     assert row["ms/image"] == 50.0 + 100.0
 
 
 def test_extrapolation_counts_the_padding_a_complete_run_pushes(dense_concat_model, monkeypatch):
-    """16 occlusions in batches of 5 are 4 batches, 20 slots; the sample is one batch (5 slots,
-    100 ms): 50 ms (forward) + 20 * 100 / 5 ms."""
+    """The library scores both images' rows as one list in even calls: 2 x 16 occlusions at
+    most 5 a call are 7 calls of 5, 35 rows, 17.5 per image; the sample is one call of 5
+    (100 ms): 50 ms (forward) + 17.5 * 100 / 5 ms."""
     stub_clock(monkeypatch, itertools.repeat(100.0))
     study = small_study(dense_concat_model, batch_size=5, budget_s=0, sample_masks=5)
     row = study.occlusion(*OCCLUSION)
     assert row["evaluations/image"] == 16 and row["batch size"] == 5
     assert row["measured"].startswith("extrapolated: 5 of 16 positions")
-    assert row["ms/image"] == 50.0 + 20 * 100.0 / 5
-    # ReciproCAM at batch size 10: 25 cells in 3 batches of 10 (30 slots), sampled 10.
-    study.sample_masks = 10
-    row = study.ablation("ReciproCAM", "relu1", "head", batch_size=10)
-    assert row["evaluations/image"] == 25 and row["measured"].startswith("extrapolated: 10 of 25")
-    assert row["ms/image"] == 50.0 + 30 * 100.0 / 10
+    assert row["ms/image"] == 50.0 + 17.5 * 100.0 / 5
+    # ReciproCAM at batch size 8: 2 x 25 cells in 7 calls of 8 (28 rows per image), the
+    # sample one call of 8
+    study.sample_masks = 8
+    row = study.ablation("ReciproCAM", "relu1", "head", batch_size=8)
+    assert row["evaluations/image"] == 25 and row["measured"].startswith("extrapolated: 8 of 25")
+    assert row["ms/image"] == 50.0 + 28 * 100.0 / 8
 
 
 def test_the_same_passes_are_sampled_once(dense_concat_model, monkeypatch):
     """In the per-mask mode every mask is one whole-network pass at batch size 1, whichever
     method made it: FastAblationCAM window 2 and Ablation-CAM reuse window 1's sample (16
-    masks, 100 ms) and say so. Batches of another size are sampled anew."""
+    masks, 100 ms) and say so. Calls of another size are sampled anew."""
     calls = stub_clock(monkeypatch, itertools.repeat(100.0))
     study = small_study(dense_concat_model, budget_s=0)
     study.forward()
@@ -156,11 +195,11 @@ def test_the_same_passes_are_sampled_once(dense_concat_model, monkeypatch):
     assert second["measured"].startswith(reuse) and channels["measured"].startswith(reuse)
     assert second["ms/image"] == 50.0 + 9 * 100.0 / 16
     assert channels["ms/image"] == 50.0 + 4 * 100.0 / 16
-    # the full mode's batches of 9 are sampled anew
+    # the full mode's calls of 9 are sampled anew
     third = study.ablation("FastAblationCAM", "relu1", "full", window=2)
     assert len(calls) > timed and third["measured"].startswith("extrapolated: 9 of 9 masks")
-    # ReciproCAM's 25 float masks in one batch: the whole-network passes of window 1's full
-    # row; in the head mode the float mask's arithmetic counts, so it is sampled anew
+    # ReciproCAM's 25 float masks in one call: the whole-network passes of window 1's full
+    # row; after the layer the float masks' arithmetic counts, so it is sampled anew
     study.ablation("FastAblationCAM", "relu1", "full", window=1)
     timed = len(calls)
     row = study.ablation("ReciproCAM", "relu1", "full")
@@ -171,13 +210,42 @@ def test_the_same_passes_are_sampled_once(dense_concat_model, monkeypatch):
     assert len(calls) > timed and row["measured"].startswith("extrapolated: 25 of 25 masks")
 
 
+def test_samples_and_complete_runs_watch_the_explainers_scoring(dense_concat_model,
+                                                                  monkeypatch):
+    """A sample and a complete run are timed without a warm-up call but with the traces of
+    the explainer's compiled scoring (public: ``explainer.scorer``), so a first call that
+    compiled is timed again rather than kept."""
+    calls = stub_clock(monkeypatch, itertools.repeat(1.0))
+    study = small_study(dense_concat_model, budget_s=60)
+    study.forward()
+    before = len(calls)
+    row = study.ablation("FastAblationCAM", "relu1", "head", window=2, batch_size=9)
+    assert row["evaluations/image"] == 9 and row["measured"] == "all"
+    scorer = cam.FastAblationCAM(dense_concat_model, "relu1", window=2, batch_size=9).scorer
+    assert len(calls) == before + 2  # the sample, then the complete run
+    for warm_up, traces in calls[before:]:
+        assert warm_up is False and traces() == scorer.traces >= 1
+
+
 def test_a_slow_call_is_timed_once():
     calls = []
-    assert len(speed.timings_ms(lambda: calls.append(1), 3, cap_ms=None)) == 3
+    assert len(timing.timings_ms(lambda: calls.append(1), 3, cap_ms=None)) == 3
     assert len(calls) == 4  # and the warm-up
-    assert len(speed.timings_ms(lambda: calls.append(1), 3, warm_up=False, cap_ms=0)) == 1
+    assert len(timing.timings_ms(lambda: calls.append(1), 3, warm_up=False, cap_ms=0)) == 1
     assert len(calls) == 5
 
+
+def test_a_first_call_that_compiled_is_not_kept():
+    traced = []
+    fn = lambda: traced.append(1) if not traced else None  # noqa: E731 (compiles once)
+    times = timing.timings_ms(fn, 3, warm_up=False, cap_ms=None, traces=lambda: len(traced))
+    assert len(times) == 3 and len(traced) == 1
+    calls = []
+    times = timing.timings_ms(lambda: calls.append(1), 2, warm_up=False, traces=lambda: 0)
+    assert len(times) == 2 and len(calls) == 2  # warm already: every call is kept
+
+
+# -- rows of each kind -----------------------------------------------------------------
 
 def test_gradient_methods_share_one_warm_compiled_gradient(dense_concat_model, monkeypatch):
     calls = stub_clock(monkeypatch, itertools.repeat(100.0))
@@ -185,52 +253,36 @@ def test_gradient_methods_share_one_warm_compiled_gradient(dense_concat_model, m
     study.forward()
     rows = [study.gradient(m, "relu1") for m in ("Grad-CAM",) + speed.GRADIENT_METHODS]
     assert [r["method"] for r in rows] == ["Grad-CAM", *speed.GRADIENT_METHODS]
-    assert calls[2:] == [True] + [False] * len(speed.GRADIENT_METHODS)  # one warm-up in all
+    warm_ups = [warm_up for warm_up, _ in calls[2:]]
+    assert warm_ups == [True] + [False] * len(speed.GRADIENT_METHODS)  # one warm-up in all
     # one compiled gradient at the layer for all of them (the library shares it)
-    assert len({id(study._build(m, "relu1")._gradients)
+    target = cam.targets.Class(0)
+    assert len({id(study.build(m, "relu1").gradient_function(target))
                 for m in ("Grad-CAM",) + speed.GRADIENT_METHODS}) == 1
     study.gradient("Grad-CAM", "relu1", "full")  # another mode: its own gradient, warmed up
-    assert calls[-1] is True
+    assert calls[-1][0] is True
 
 
-@pytest.mark.parametrize("batch_size, grouped", [(9, False), (64, True)])
-def test_a_complete_run_that_scores_images_together_is_warmed_up(dense_concat_model,
-                                                                  monkeypatch, batch_size,
-                                                                  grouped):
-    """The sample scores one image per call; a complete run that scores both images' 9
-    ablations in one call (batch 64) compiles that call first, so it gets a warm-up call."""
-    calls = stub_clock(monkeypatch, itertools.repeat(1.0))
-    study = small_study(dense_concat_model, budget_s=60)
-    study.forward()
-    before = len(calls)
-    row = study.ablation("FastAblationCAM", "relu1", "head", window=2, batch_size=batch_size)
-    assert row["evaluations/image"] == 9 and row["measured"] == "all"
-    # the sample (warmed up on one batch), then the complete run: warmed up when grouped
-    assert len(calls) == before + 2 and calls[-1] is grouped
-
-
-def test_shared_compiled_functions_give_the_maps_of_fresh_explainers(dense_concat_model):
-    """Sharing a trace must not change what is computed: every explainer the study builds
-    gives the raw maps of the same explainer built on its own."""
-    study = small_study(dense_concat_model, batch_size=8)
+def test_the_study_explains_what_fresh_explainers_explain(dense_concat_model):
+    """The study's explainers (shared compiled functions, its score) give the raw maps of the
+    same explainer built on its own, and the sample scores the explainer's own rows."""
+    study = small_study(dense_concat_model, batch_size=8, score="probability")
     images, raw = study.images, {"normalize": False, "upsample": False}
-    cases = [("FastAblationCAM", {"window": 1}), ("FastAblationCAM", {"window": 2}),
-             ("Ablation-CAM", {}), ("ReciproCAM", {}), ("ReciproCAM", {"gaussian": True})]
-    for method, options in cases:
-        for mode in ("head", "per-mask"):  # per-mask shares one trace across windows
-            explainer = study._ablation_explainer(method, "relu1", mode, **options)[0]
+    for method, options in [("FastAblationCAM", {"window": 2}), ("ReciproCAM", {"gaussian": True})]:
+        for mode in ("head", "per-mask"):
+            explainer = study.ablation_explainer(method, "relu1", mode, **options)[0]
+            assert explainer.score == "probability"
             fresh = cam.method_class(method)(dense_concat_model, "relu1", mode=explainer.mode,
-                                             batch_size=explainer.batch_size, **options)
+                                             score="probability", **options)
             np.testing.assert_allclose(explainer(images, **raw), fresh(images, **raw),
                                        rtol=1e-5, atol=1e-5, err_msg=f"{method} {mode}")
-    for method in ("Grad-CAM",) + speed.GRADIENT_METHODS + ("Score-CAM",):
-        for layer in ("relu0", "relu1"):
-            explainer = study._build(method, layer)
-            fresh = cam.method_class(method)(dense_concat_model, layer)
-            np.testing.assert_allclose(explainer(images, **raw), fresh(images, **raw),
-                                       rtol=1e-5, atol=1e-5, err_msg=f"{method} {layer}")
-    # explainers at one layer share the library's compiled trunk
-    assert study._build("Grad-CAM", "relu1")._trunk is study._build("Ablation-CAM", "relu1")._trunk
+    study.forward()
+    explainer = study.ablation_explainer("Ablation-CAM", "relu1", "head")[0]
+    first = study.first_features(explainer)
+    assert first.count == 1
+    whole = explainer.perturbed_scores(explainer.features(images), study.targets)
+    np.testing.assert_allclose(explainer.perturbed_scores(first, study.targets[:1]), whole[:1],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_speed_ups_divide_full_and_per_mask_by_head():
@@ -248,7 +300,7 @@ def test_batch_sweep_takes_rows_the_main_table_has(study, table):
     before = len(study.rows)
     # head rows use the library's default batch, from the memory budget
     default = cam.AblationCAM(study.model, "relu1").batch_size
-    sweep = study.batch_sweep("relu1", batch_sizes=(1, default))
+    sweep = speed.batch_sweep(study, "relu1", batch_sizes=(1, default))
     assert len(study.rows) == before
     assert sorted(sweep["batch size"]) == [1, 1, default, default]
     assert set(sweep["mode"]) == {"head"}
@@ -258,6 +310,7 @@ def test_batch_sweep_takes_rows_the_main_table_has(study, table):
     for _, row in sweep[sweep["batch size"] == default].iterrows():
         assert row["notes"].endswith("(the main table's row)")
         assert row["ms/image"] == main.loc[(row["method"], "head"), "ms/image"]
+    assert not study.samples and not study.first  # the layer was released
 
 
 def test_peer_rows_time_the_layer_asked_for(dense_concat_model):
@@ -279,9 +332,9 @@ def test_study_layers_fall_back_to_distinct_grids(dense_concat_model):
 
 
 def test_peak_memory_sees_a_large_allocation():
-    with speed.PeakMemory() as quiet:
+    with timing.PeakMemory() as quiet:
         pass
-    with speed.PeakMemory() as busy:
+    with timing.PeakMemory() as busy:
         block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
         block.sum()
     del block
@@ -303,11 +356,57 @@ def test_bad_arguments_are_named(dense_concat_model):
         study.gradient("ReciproCAM", "relu1")
 
 
-def test_forward_is_settled_at_the_end(dense_concat_model, monkeypatch):
-    # a slow first forward timing, then fast
-    stub_clock(monkeypatch, itertools.chain([400.0, 400.0], itertools.repeat(100.0)))
-    study = small_study(dense_concat_model)
-    table = study.run(["relu1"], windows=(1,), peer=False, others=False)
-    assert table.loc[0, "ms/image"] == 50.0 and study.forward_ms == 50.0
-    assert np.allclose(table["x forward"], table["ms/image"] / 50.0)
-    assert (table["method"] == "forward pass").sum() == 1
+# -- the seed's head -----------------------------------------------------------------------
+
+def test_seed_head_model_shares_the_trunk_and_adds_the_reference_head(dense_concat_model):
+    model = seed_head.seed_head_model(dense_concat_model, "relu2")
+    assert model.get_layer("conv2") is dense_concat_model.get_layer("conv2")  # shared, not copied
+    dense = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert [d.units for d in dense] == [seed_head.WIDTH, 3]
+    assert model.layers[-3].name == "seed_avg_pool"
+    scores = np.asarray(model(random_images(model.input_shape[1:], n=2)))
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)  # softmax probabilities
+    # the library scores it through the pooled-head shortcut
+    assert cam.AblationCAM(model, "relu2", score="probability").path == "pooled"
+    assert cam.FastAblationCAM(model, "relu2", score="probability").path == "pooled"
+
+
+def test_seed_head_rows_are_against_their_own_forward_pass(dense_concat_model, monkeypatch):
+    stub_clock(monkeypatch, itertools.chain([100.0, 200.0], itertools.repeat(300.0)))
+    images = random_images(dense_concat_model.input_shape[1:], n=2)
+    rows, paths = seed_head.seed_head_rows(dense_concat_model, images, layer="relu2", repeats=1,
+                                           budget_s=60)
+    assert list(rows["method"]) == ["forward pass", "Ablation-CAM", "FastAblationCAM w1"]
+    assert set(rows["mode"]) == {seed_head.MODE} and list(rows.columns) == speed.COLUMNS
+    assert paths == {"Ablation-CAM": "pooled", "FastAblationCAM w1": "pooled"}
+    # forward: 100 ms per 2 images (the faster of 100 and 200, then 300 at the end)
+    assert rows["ms/image"].tolist() == [50.0, 150.0, 150.0]
+    assert rows["x forward"].tolist() == [1.0, 3.0, 3.0]
+    assert rows["evaluations/image"].tolist() == [1, 6, 25]
+    assert rows["notes"].str.startswith("GlobalAveragePooling2D, Dense(1664, relu)").all()
+    assert rows["notes"].iloc[1].endswith("(path pooled)")
+
+
+def test_seed_goals_are_met_or_not_from_the_seed_rows():
+    table = pd.DataFrame({"method": ["forward pass", "Ablation-CAM", "FastAblationCAM w1",
+                                     "Ablation-CAM"],
+                          "mode": [seed_head.MODE] * 3 + ["head"],
+                          "x forward": [1.0, 1.31, 1.05, 0.5]})
+    goals = seed_head.seed_goals(table).set_index("goal")
+    assert goals.loc["seed head: Ablation-CAM <= 1.3x", "met"] == "no"  # not the head row's 0.5
+    assert goals.loc["seed head: FastAblationCAM w1 <= 1.1x", "met"] == "yes"
+    assert seed_head.seed_goals(table.iloc[:1])["met"].tolist() == ["n/a", "n/a"]
+
+
+# -- public API only -----------------------------------------------------------------------
+
+def test_the_study_reads_no_private_attribute():
+    """The speed study asks cam through its public API: no ``obj._name`` in its modules."""
+    root = Path(cam.__file__).parent / "study"
+    private = []
+    for name in STUDY_MODULES:
+        tree = ast.parse((root / name).read_text())
+        private += [f"{name}:{node.lineno} .{node.attr}" for node in ast.walk(tree)
+                    if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__")]
+    assert private == []
