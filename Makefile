@@ -133,9 +133,16 @@ reproduce: $(STAMP) reproduce-log-polen23e $(NB_polen23e)
 demo: $(STAMP) reproduce-log-synthetic $(NB_synthetic)
 	$(call report-notebooks,synthetic,demo)
 
+# The project's kernel (jupyter/kernels/python3/kernel.json) comes first on JUPYTER_PATH, in
+# place of ipykernel's default "python3": a kernel that leaves what C++ writes to stderr
+# (TensorFlow's oneDNN, cuInit and absl start-up log, XLA's "Compiled cluster" line) in the
+# terminal that runs JupyterLab instead of pink blocks under the cells, as the executed
+# notebooks are (cam/study/reproduce.py's KERNEL_ARGUMENTS). tests/test_browser.py uses it too.
+KERNELS := $(CURDIR)/jupyter
+
 ## Open JupyterLab on the explorer (notebooks/08-explore.ipynb); the other notebooks are beside it
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/08-explore.ipynb
+	JUPYTER_PATH=$(KERNELS)$${JUPYTER_PATH:+:$$JUPYTER_PATH} $(VENV)/bin/jupyter lab notebooks/08-explore.ipynb
 
 ## Drive the explorer in Chromium (installed here if missing); its screenshot becomes results/polen23e/figures/08-explorer.png
 test-browser: $(STAMP) chromium

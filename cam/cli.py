@@ -1,7 +1,13 @@
 """Command line: explain images with a saved Keras model, or list the layers it can explain.
 
     python -m cam layers MODEL.keras
+    python -m cam methods
     python -m cam explain MODEL.keras IMAGE... --method gradcam --layer relu --out DIR
+    python -m cam explain MODEL.keras IMAGE... --method fastablationcam --set window=2
+
+A method's settings (``--set NAME=VALUE``) are the ones it declares (``SETTINGS``, listed by
+``python -m cam methods``), so a method added with :func:`cam.register_method` in a module
+passed to ``--import`` is offered with its settings too.
 
 Errors (a missing file, an unreadable image, an unknown layer or method) print one line on
 stderr and exit with status 2; set CAM_TRACEBACK=1 to see the traceback instead.
@@ -79,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     layers.add_argument("--import", dest="imports", action="append", default=[],
                         metavar="MODULE", help=IMPORT_HELP)
 
+    methods = commands.add_parser(
+        "methods", help="list the methods and their settings",
+        description="List every registered method with the settings --set takes: name, "
+                    "kind, default and what it does.")
+    methods.add_argument("--import", dest="imports", action="append", default=[],
+                         metavar="MODULE", help=IMPORT_HELP)
+
     explain = commands.add_parser(
         "explain", help="write saliency maps of images",
         description="Write, for each image, the map over the image (IMAGE-METHOD.png) and the "
@@ -99,9 +112,14 @@ def _parser() -> argparse.ArgumentParser:
                               "multi-output model")
     explain.add_argument("--score", default="logit", choices=("logit", "probability"),
                          help="explain the logit (default) or the softmax probability")
+    explain.add_argument("--set", dest="settings", action="append", default=[],
+                         metavar="NAME=VALUE",
+                         help="a setting of the method, e.g. --set window=2 --set stride=1 "
+                              "(repeatable; none or auto for a setting whose default is None; "
+                              "`python -m cam methods` lists each method's settings)")
     explain.add_argument("--window", type=int, default=None,
-                         help="window in grid cells, for the methods that take one "
-                              "(FastAblationCAM; default 1)")
+                         help="shorthand for --set window=N, for the methods that declare a "
+                              "window (FastAblationCAM: grid cells; Occlusion: pixels)")
     explain.add_argument("--threshold", default="0",
                          help="level replacing ReLU's 0 when normalising the map: a number on "
                               "the raw map's scale, or qQ for the Q quantile of each map, "
@@ -116,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 IMPORT_HELP = ("a Python module to import before loading the model, for models with custom "
-               "layers registered with keras.saving.register_keras_serializable (repeatable)")
+               "layers registered with keras.saving.register_keras_serializable, or methods "
+               "added with cam.register_method (repeatable)")
 
 
 def _check_model_path(path: str) -> Path:
@@ -129,18 +148,23 @@ def _check_model_path(path: str) -> Path:
     return model_path
 
 
-def _load_model(path: str, imports=()):
-    model_path = _check_model_path(path)
+def _import_modules(imports) -> None:
+    """Keras, then the ``--import`` modules (custom layers, registered methods)."""
     _import_backend()
     import importlib
-
-    import keras
 
     for module in imports:
         try:
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"--import {module}: cannot import it ({err})") from err
+
+
+def _load_model(path: str, imports=()):
+    model_path = _check_model_path(path)
+    _import_modules(imports)
+    import keras
+
     try:
         return keras.saving.load_model(model_path, compile=False)
     except Exception as err:  # Keras raises many types for a bad archive; name the file
@@ -169,9 +193,98 @@ def _read_image(path: str, height: int, width: int, channels: int):
 
 def _layers(args) -> int:
     model = _load_model(args.model, args.imports)
-    from .graph import layer_table
+    from . import layer_table
 
     print(layer_table(model))
+    return 0
+
+
+def _describe_setting(setting) -> str:
+    """What a setting takes, in words: ``an int >= 1``, ``true or false``, ``a number``."""
+    if setting.kind is bool:
+        what = "true or false"
+    elif setting.kind is int:
+        what = ("an int" + (f" >= {setting.low}" if setting.low is not None else "")
+                + (f" <= {setting.high}" if setting.high is not None else ""))
+        if setting.low is not None and setting.high is not None:
+            what = f"an int between {setting.low} and {setting.high}"
+    elif setting.kind is float:
+        what = "a number"
+    else:
+        what = f"a {setting.kind.__name__}"
+    return f"none (auto) or {what}" if setting.default is None else what
+
+
+def setting_value(setting, text: str):
+    """The value of ``setting`` (a :class:`cam.Setting`) written as ``text`` on the command
+    line, or a ValueError that says what it takes."""
+    text = text.strip()
+    if setting.default is None and text.lower() in ("none", "auto"):
+        return None
+    try:
+        if setting.kind is bool:
+            words = {"true": True, "yes": True, "on": True, "1": True,
+                     "false": False, "no": False, "off": False, "0": False}
+            value = words[text.lower()]
+        elif setting.kind is int:
+            value = int(text)
+            if (setting.low is not None and value < setting.low) or \
+                    (setting.high is not None and value > setting.high):
+                raise ValueError
+        else:
+            value = setting.kind(text)
+    except (KeyError, ValueError):
+        raise ValueError(f"--set {setting.name}={text}: {setting.name} must be "
+                         f"{_describe_setting(setting)} ({setting.doc})") from None
+    return value
+
+
+def parse_settings(method, key: str, pairs, window: int | None = None) -> dict:
+    """The constructor keywords of ``method`` (a registered class, under ``key``) from
+    ``--set NAME=VALUE`` pairs and the ``--window`` shorthand, checked against its
+    declared :attr:`~cam.Explainer.SETTINGS`."""
+    from .methods import method_class
+
+    declared = {s.name: s for s in method.SETTINGS}
+    options: dict = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ValueError(f"--set {pair!r}: write NAME=VALUE, e.g. --set window=2")
+        if name not in declared:
+            has = (f"its settings are {', '.join(declared)}" if declared
+                   else "it has no settings")
+            raise ValueError(f"--set {name}: {key} has no setting {name!r}; {has} "
+                             f"(`python -m cam methods` lists every method's)")
+        if name in options:
+            raise ValueError(f"--set {name} is given twice")
+        options[name] = setting_value(declared[name], text)
+    if window is not None:
+        if "window" not in declared:
+            takes = [k for k in METHODS
+                     if any(s.name == "window" for s in method_class(k).SETTINGS)]
+            raise ValueError(f"--window does not apply to {key}; it is an option of "
+                             f"{', '.join(takes)}")
+        if "window" in options:
+            raise ValueError("--window and --set window=... are the same setting; give one")
+        options["window"] = setting_value(declared["window"], str(window))
+    return options
+
+
+def _methods(args) -> int:
+    _import_modules(args.imports)
+    from .methods import method_class
+
+    for key in METHODS:
+        method = method_class(key)
+        if not method.SETTINGS:
+            print(f"{key} ({method.name}): no settings")
+            continue
+        print(f"{key} ({method.name}):")
+        for s in method.SETTINGS:
+            default = f"{s.name}={s.default}"
+            print(f"    {default:<16} {_describe_setting(s)}: {s.doc}")
     return 0
 
 
@@ -194,13 +307,14 @@ def _save_overlay(path: Path, image, saliency, alpha: float, threshold: float) -
 
 
 def _explain(args) -> int:
-    import inspect
-
     import numpy as np
 
     from . import maps as M
 
-    # Everything that can be checked without TensorFlow is checked before its slow import.
+    # Everything that can be checked without TensorFlow is checked before its slow import
+    # (a method from an --import module is known only once it is imported).
+    if args.imports:
+        _import_modules(args.imports)
     key = method_key(args.method)
     threshold = M.as_threshold(args.threshold)
     if not 0 <= args.alpha <= 1:
@@ -214,13 +328,7 @@ def _explain(args) -> int:
     from .methods import method_class
 
     method = method_class(key)
-    options = {"window": args.window} if args.window is not None else {}
-    accepted = inspect.signature(method).parameters
-    for name in options:
-        if name not in accepted:
-            takes = [k for k in METHODS if name in inspect.signature(method_class(k)).parameters]
-            raise ValueError(f"--{name} does not apply to {key}; it is an option of "
-                             f"{', '.join(takes)}")
+    options = parse_settings(method, key, args.settings, args.window)
     model = _load_model(args.model, args.imports)
     shape = model.input_shape
     if isinstance(shape, list) or len(shape) != 4 or None in shape[1:]:
@@ -239,6 +347,8 @@ def _explain(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems = [Path(p).stem for p in args.images]
+    settings = ", ".join(f"{k}={v}" for k, v in explainer.settings.items())
+    settings = f" ({settings})" if settings else ""
 
     def named(k):
         return f"{k} ({classes[k]})" if classes and k < len(classes) else str(k)
@@ -254,7 +364,7 @@ def _explain(args) -> int:
                     f"{result.scores[i, predicted]:.3g}); explained class {named(explained)}")
         else:
             what = f"explained {result.target!r} ({result.target_scores[i]:.4g})"
-        print(f"{path}: {what} with {explainer.name} at layer {explainer.layer!r} on a "
+        print(f"{path}: {what} with {explainer.name}{settings} at layer {explainer.layer!r} on a "
               f"{raw.shape[1]}x{raw.shape[2]} grid")
     print(f"wrote {len(args.images)} overlays (.png) and raw maps (.npy) to {out}")
     return 0
@@ -301,7 +411,7 @@ def _read_mask(path: str):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"layers": _layers, "explain": _explain}[args.command](args)
+        return {"layers": _layers, "methods": _methods, "explain": _explain}[args.command](args)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     except Exception as err:  # the boundary: one line, no traceback (CAM_TRACEBACK=1 for it)

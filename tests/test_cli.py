@@ -68,6 +68,126 @@ def test_explain_writes_overlays_and_raw_maps(files, tmp_path):
     assert lines[-1] == f"wrote 2 overlays (.png) and raw maps (.npy) to {out}"
 
 
+def test_explain_takes_the_methods_declared_settings(files, tmp_path):
+    out = tmp_path / "maps"
+    result = run("explain", files / "vit.keras", files / "b.jpg", "--method", "fastablationcam",
+                 "--layer", "block0_norm1", "--set", "window=2", "--set", "stride=1",
+                 "--out", out, *VIT)
+    assert result.returncode == 0, result.stderr
+    assert np.load(out / "b-fastablationcam.npy").shape == (4, 4)
+    assert "with FastAblationCAM (window=2, stride=1) at layer 'block0_norm1'" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "fastablationcam", "--set", "windw=2"],
+     "--set windw: fastablationcam has no setting 'windw'; its settings are window, stride"),
+    (["--method", "gradcam", "--set", "window=2"],
+     "gradcam has no setting 'window'; it has no settings"),
+    (["--method", "fastablationcam", "--set", "window=two"],
+     "--set window=two: window must be an int >= 1 (side of the ablated block"),
+    (["--method", "fastablationcam", "--set", "window=0"], "window must be an int >= 1"),
+    (["--method", "fastablationcam", "--set", "window"], "--set 'window': write NAME=VALUE"),
+    (["--method", "reciprocam", "--set", "gaussian=maybe"],
+     "gaussian must be true or false"),
+    (["--method", "occlusion", "--set", "baseline=grey"], "baseline must be a number"),
+    (["--method", "fastablationcam", "--set", "window=2", "--window", "2"],
+     "--window and --set window=... are the same setting"),
+    (["--method", "fastablationcam", "--set", "window=2", "--set", "window=3"],
+     "--set window is given twice"),
+])
+def test_a_bad_setting_is_one_clear_line(files, capsys, args, message):
+    assert cli.main(["explain", str(files / "vit.keras"), str(files / "a.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_setting_values_follow_the_declaration():
+    import cam
+
+    stride = cam.FastAblationCAM.SETTINGS[1]
+    assert cli.setting_value(stride, "auto") is None and cli.setting_value(stride, "3") == 3
+    gaussian = cam.ReciproCAM.SETTINGS[0]
+    assert cli.setting_value(gaussian, "yes") is True and cli.setting_value(gaussian, "0") is False
+    window = cam.FastAblationCAM.SETTINGS[0]
+    with pytest.raises(ValueError, match="window must be an int >= 1"):
+        cli.setting_value(window, "none")  # its default is 1, not None
+
+
+def test_methods_lists_every_method_with_its_settings(capsys):
+    import cam
+
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for key in cam.METHODS:
+        assert f"{key} (" in out
+    assert "gradcam (Grad-CAM): no settings" in out
+    assert "window=1" in out and "side of the ablated block" in out
+    assert "none (auto) or an int >= 1: step between blocks" in out
+
+
+def test_a_method_registered_by_an_imported_module_takes_its_settings(files, tmp_path,
+                                                                       monkeypatch, capsys):
+    import cam
+
+    (tmp_path / "toy_cam_method.py").write_text(TOY_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "maps"
+    try:
+        code = cli.main(["explain", str(files / "vit.keras"), str(files / "b.jpg"),
+                         "--method", "toyband", "--set", "band=2", "--layer", "block0_norm1",
+                         "--out", str(out), "--import", "cam.study.vit",
+                         "--import", "toy_cam_method"])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "with Toy-Band (band=2) at layer 'block0_norm1'" in captured.out
+        raw = np.load(out / "b-toyband.npy")
+        assert raw.shape == (4, 4) and (raw[0] == raw[1]).all()  # rows 0-1 ablated together
+        assert cli.main(["explain", str(files / "vit.keras"), str(files / "b.jpg"),
+                         "--method", "toyband", "--set", "band=9", "--import",
+                         "toy_cam_method"]) == 2
+        assert "band must be an int between 1 and 4 (rows ablated together)" in \
+            capsys.readouterr().err
+    finally:
+        cam.METHODS.pop("toyband", None)
+        sys.modules.pop("toy_cam_method", None)
+
+
+#: A method module a user might write: a class with its SETTINGS, registered on import.
+TOY_METHOD = '''
+import numpy as np
+from keras import ops
+
+import cam
+from cam import combine
+
+
+class ToyBand(cam.AblationExplainer):
+    name = "Toy-Band"
+    SETTINGS = (cam.Setting("band", int, 1, "rows ablated together", low=1, high=4),)
+
+    def __init__(self, model, layer=None, band=1, **kwargs):
+        super().__init__(model, layer, **kwargs)
+        self.band = band
+
+    def mask_settings(self):
+        return (self.band,)
+
+    def masks(self, grid_shape):
+        h, w = grid_shape[:2]
+        masks = np.zeros((len(range(0, h, self.band)), h, w, 1), bool)
+        for n, start in enumerate(range(0, h, self.band)):
+            masks[n, start:start + self.band] = True
+        return masks
+
+    def combine(self, activation, scores, ablated, masks):
+        return combine.spread_window_drops(ops.expand_dims(scores, 1) - ablated,
+                                           masks[..., 0])
+
+
+cam.register_method(ToyBand)
+'''
+
+
 @pytest.mark.parametrize("args, message", [
     (["layers", "{root}/missing.keras"], "model file '{root}/missing.keras' does not exist"),
     (["explain", "{root}/vit.keras", "{root}/a.png", "--method", "gradcamm"],
@@ -78,7 +198,7 @@ def test_explain_writes_overlays_and_raw_maps(files, tmp_path):
     (["explain", "{root}/vit.keras", "{root}/a.png", "--layer", "block0_nrom1"],
      "no layer named 'block0_nrom1'"),
     (["explain", "{root}/vit.keras", "{root}/a.png", "--method", "gradcam", "--window", "2"],
-     "--window does not apply to gradcam; it is an option of fastablationcam"),
+     "--window does not apply to gradcam; it is an option of fastablationcam, occlusion"),
     (["explain", "{root}/vit.keras", "{root}/a.png", "--import", "no_such_module_here"],
      "--import no_such_module_here: cannot import it"),
 ])
