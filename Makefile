@@ -138,6 +138,7 @@ demo: $(STAMP) reproduce-log-synthetic $(NB_synthetic)
 # (TensorFlow's oneDNN, cuInit and absl start-up log, XLA's "Compiled cluster" line) in the
 # terminal that runs JupyterLab instead of pink blocks under the cells, as the executed
 # notebooks are (cam/study/reproduce.py's KERNEL_ARGUMENTS). tests/test_browser.py uses it too.
+# Its display name is ipykernel's, so a notebook saved from the lab keeps its metadata.
 KERNELS := $(CURDIR)/jupyter
 
 ## Open JupyterLab on the explorer (notebooks/08-explore.ipynb); the other notebooks are beside it
