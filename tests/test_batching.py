@@ -210,3 +210,22 @@ def test_a_pooled_head_scores_channel_and_cell_masks_in_closed_form():
                           **options).explain(images)
             np.testing.assert_allclose(head.raw, full.raw, rtol=1e-4,
                                        atol=1e-4 * np.abs(full.raw).max())
+
+
+@pytest.mark.parametrize("method, kwargs", [("Occlusion", {"window": 4}), ("ScoreCAM", {}),
+                                            ("FastAblationCAM", {"window": 2}),
+                                            ("AblationCAM", {"mode": "full"})])
+def test_every_call_of_a_large_explain_stays_inside_the_budget(method, kwargs, monkeypatch):
+    """A budget of 5 trunk rows: the trunk pass takes 5 images a call, whatever the method
+    (Occlusion once put every image in one trunk call), and each scoring call fits too."""
+    model = build_dense_concat_model()
+    budget = 5 * getattr(cam, method)(model, "relu1", **kwargs).split.bytes_per_row("trunk")
+    monkeypatch.setenv("CAM_MEMORY_BUDGET", str(budget))
+    explainer = getattr(cam, method)(model, "relu1", **kwargs)
+    assert explainer.batch_size * explainer.bytes_per_row() <= budget
+    images = random_images((10, 10, 3), N, seed=7)
+    trunk, scorer = explainer._trunk.calls, explainer.scorer.calls
+    explainer(images)
+    assert explainer._trunk.calls - trunk == math.ceil(N / 5)
+    rows = N * explainer.evaluations_per_image
+    assert explainer.scorer.calls - scorer == math.ceil(rows / explainer.batch_size)
