@@ -33,6 +33,10 @@ METHODS = {
 }
 
 
+def _normalised(name: str) -> str:
+    return "".join(name.lower().replace("+", "plus").replace("-", "").replace("_", "").split())
+
+
 def register_method(cls, key: str | None = None) -> str:
     """Add an explainer class (a subclass of :class:`cam.Explainer`) to :data:`METHODS` under
     ``key`` (default: its ``name`` lowercased without '-', '_' or '+'), so the command line,
@@ -41,7 +45,7 @@ def register_method(cls, key: str | None = None) -> str:
 
     if not (isinstance(cls, type) and issubclass(cls, Explainer)):
         raise TypeError(f"register_method takes a subclass of cam.Explainer, got {cls!r}")
-    key = key or cls.name.lower().replace("+", "plus").replace("-", "").replace("_", "")
+    key = _normalised(key or cls.name)
     if key in METHODS and METHODS[key] not in (cls, cls.__name__):
         raise ValueError(f"method {key!r} is already registered ({METHODS[key]}); "
                          f"pass another key")
@@ -52,7 +56,7 @@ def register_method(cls, key: str | None = None) -> str:
 def method_key(method: str) -> str:
     """The registry key of a method name: ``"Grad-CAM"``, ``"grad_cam"`` -> ``"gradcam"``,
     ``"Grad-CAM++"`` -> ``"gradcamplusplus"``."""
-    key = method.lower().replace("+", "plus").replace("-", "").replace("_", "")
+    key = _normalised(method)
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return key
