@@ -4,12 +4,15 @@
                                [--layers relu,conv4_block32_concat] [--windows 1,2,3]
                                [--no-peer] [--no-others] [--scorecam-channels 32]
                                [--occlusion 32,32] [--random-weights] [--csv PATH]
+                               [--no-seed-head | --seed-head-only]
 
 DenseNet-169 at 224x224: the committed POLEN23E checkpoint when present (else random weights,
 said in the output), on held-out POLEN23E images when $POLEN23E_DIR is set (else random
 pixels with a fixed seed). Prints the machine, the table (cam.study.speed.SpeedStudy), the
-head-only speed-ups and the study's own wall time per method and mode, as Markdown. Nothing
-is asserted: this is a measurement, not a test.
+head-only speed-ups and the study's own wall time per method and mode, then the rows and goals
+of the FastAblationCAM reference's head on the same trunk (cam.study.seed_head: Ablation-CAM
+and FastAblationCAM w1 at `relu`, score="probability", against that model's forward pass), as
+Markdown. Nothing is asserted: this is a measurement, not a test.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cam  # noqa: E402
-from cam.study import data, models, paths, speed  # noqa: E402
+import pandas as pd  # noqa: E402
+from cam.study import data, models, paths, seed_head, speed  # noqa: E402
 
 IMAGE_SIZE, SEED = 224, 0
 
@@ -46,6 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Occlusion window,stride in pixels (default %(default)s)")
     p.add_argument("--random-weights", action="store_true", help="ignore the checkpoint")
     p.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    seed = p.add_mutually_exclusive_group()
+    seed.add_argument("--no-seed-head", action="store_true",
+                      help="leave out the rows of the reference's head (GAP, Dense(1664), "
+                           "Dense(23, softmax)) at relu")
+    seed.add_argument("--seed-head-only", action="store_true",
+                      help="time only the forward pass, Ablation-CAM and FastAblationCAM w1 "
+                           "on the reference's head")
     args = p.parse_args(argv)
     if min(args.images, args.repeats, args.batch_size) < 1:
         p.error("--images, --repeats and --batch-size must be >= 1")
@@ -76,6 +87,23 @@ def main(argv=None) -> None:
     images, source = data.held_out_sample(args.images, IMAGE_SIZE, SEED)
     print("\n".join(f"- {k}: {v}" for k, v in speed.machine().items()))
     print(f"- model: DenseNet-169 at {IMAGE_SIZE}x{IMAGE_SIZE}, {weights}; {source}\n")
+    tables = []
+    if not args.seed_head_only:
+        tables.append(study_table(model, images, args))
+    if not args.no_seed_head:
+        rows, seed_paths = seed_head.seed_head_rows(model, images, repeats=args.repeats,
+                                                budget_s=max(args.budget, 60.0), progress=True)
+        print(rows.drop(columns=["notes"]).to_markdown(index=False, floatfmt=".2f"))
+        print(f"\nThe library's path per method: {seed_paths}\n")
+        print(seed_head.seed_goals(rows).to_markdown(index=False, floatfmt=".2f"))
+        tables.append(rows)
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(tables, ignore_index=True).to_csv(args.csv, index=False)
+
+
+def study_table(model, images, args):
+    """The speed study's table, printed with its speed-ups and the study's own time."""
     study = speed.SpeedStudy(model, images, repeats=args.repeats, batch_size=args.batch_size,
                              budget_s=args.budget)
     table = study.run(args.layers or speed.study_layers(model), args.windows,
@@ -92,10 +120,8 @@ def main(argv=None) -> None:
     print(by_mode.rename(columns={"seconds": "study s", "cpu": "study CPU s"}).to_markdown(
         floatfmt=".1f"))
     print(f"\nThe study took {wall['seconds'].sum():.0f} s ({wall['CPU seconds'].sum():.0f} "
-          f"CPU s).")
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.csv, index=False)
+          f"CPU s).\n")
+    return table
 
 
 if __name__ == "__main__":
