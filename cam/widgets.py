@@ -132,6 +132,64 @@ class SettingControl:
             self.auto.observe(callback, names="value")
 
 
+def explainable_rows(table, model_name: str, layer=None) -> tuple[list, str]:
+    """The rows of a :func:`cam.layer_table` with a grid, and the layer to start at
+    (``layer``, default the last with a grid), or a clear error."""
+    rows = [r for r in table if r["grid"]]
+    if not rows:
+        raise ValueError(f"model {model_name!r} has no layer with a spatial grid to explain")
+    names = [r["layer"] for r in rows]
+    start = layer if layer is not None else names[-1]
+    if start not in names:
+        raise ValueError(f"layer {start!r} is not one cam can explain; choose one of "
+                         f"{', '.join(names)}")
+    return rows, start
+
+
+class Costs:
+    """What a map is estimated to cost, from what the method declares (its evaluations per
+    image and whether each runs the whole model) and the measured cost of one evaluation of
+    the head on an earlier map."""
+
+    def __init__(self):
+        #: Seconds one evaluation of the head takes, measured on the last perturbation map.
+        self.seconds_per_evaluation: float | None = None
+
+    @staticmethod
+    def evaluations(explainer) -> int | None:
+        """Evaluations the explainer needs per image (1 for a gradient method), or None where
+        that depends on the image size and the model does not fix it."""
+        try:
+            return explainer.evaluations_per_image
+        except ValueError:  # a grid that depends on the input size: the cost is not known
+            return None
+
+    @staticmethod
+    def work_per_evaluation(explainer) -> float:
+        """One evaluation's work against one of the head after the layer, by the bytes a row
+        writes: 1 for the head, the whole network's share for a ``whole_network`` method."""
+        if not explainer.whole_network:
+            return 1.0
+        split = explainer.split
+        return max(1.0, split.bytes_per_row("full", backward=True)
+                   / max(1, split.bytes_per_row("head", backward=True)))
+
+    def estimate(self, explainer) -> float | None:
+        """Seconds the explainer's map is estimated to take (None before the first map that
+        needed more than one evaluation)."""
+        evaluations = self.evaluations(explainer)
+        if self.seconds_per_evaluation is None or evaluations is None:
+            return None
+        return evaluations * self.work_per_evaluation(explainer) * self.seconds_per_evaluation
+
+    def measured(self, explainer, seconds: float) -> None:
+        """Keep the cost of one evaluation of the head from a map of many evaluations."""
+        evaluations = self.evaluations(explainer)
+        if evaluations is not None and evaluations > 1:
+            self.seconds_per_evaluation = seconds / (evaluations
+                                                     * self.work_per_evaluation(explainer))
+
+
 class Explorer:
     """Interactive maps of ``model`` on ``images`` (B, H, W, C, preprocessed as the model
     expects). ``class_names``: one name per class; ``targets``: extra named targets
@@ -160,20 +218,12 @@ class Explorer:
         self.extra_targets = dict(targets or {})
         self.ask_above, self.size = float(ask_above), int(size)
         self.table = layer_table(model)
-        rows = [r for r in self.table if r["grid"]]
-        if not rows:
-            raise ValueError(f"model {model.name!r} has no layer with a spatial grid to explain")
-        names = [r["layer"] for r in rows]
-        start = layer if layer is not None else names[-1]
-        if start not in names:
-            raise ValueError(f"layer {start!r} is not one cam can explain; choose one of "
-                             f"{', '.join(names)}")
+        rows, start = explainable_rows(self.table, model.name, layer)
         # nearest the output first: the last feature map is the usual choice
         self.layer_options = [(r["layer"] + (HEAD_ONLY_MARK if r["head-only"] else ""),
                                r["layer"]) for r in reversed(rows)]
         self._explainers: dict = {}
-        #: Seconds one evaluation of the head takes, measured on the last perturbation map.
-        self._seconds_per_evaluation: float | None = None
+        self.costs = Costs()
         self.last: dict = {}
         self.methods = {key: method_class(key) for key in METHODS}
 
@@ -215,6 +265,13 @@ class Explorer:
         self.info.add_class("cam-explorer-info")
         self.multiples = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.progress = widgets.Output()
+        self._wire()
+        self._show_settings()
+        self.update()
+
+    def _wire(self) -> None:
+        """Connect the controls to their handlers and lay the widget out."""
+        widgets = require("ipywidgets", "widgets")
         for control in (self.image, self.method, self.layer, self.target, self.threshold,
                         self.alpha, self.raw_grid):
             control.observe(self._changed, names="value")
@@ -231,8 +288,6 @@ class Explorer:
             widgets.HBox([controls, widgets.VBox([self.picture, self.info])]),
             self.progress, self.multiples])
         self.widget.add_class("cam-explorer")
-        self._show_settings()
-        self.update()
 
     # -- pieces --------------------------------------------------------------------------
 
@@ -290,33 +345,12 @@ class Explorer:
             self._explainers[cache] = self.methods[key](self.model, layer=layer, **options)
         return self._explainers[cache]
 
-    @staticmethod
-    def evaluations(explainer) -> int | None:
-        """Evaluations the explainer needs per image (1 for a gradient method), or None where
-        that depends on the image size and the model does not fix it."""
-        try:
-            return explainer.evaluations_per_image
-        except ValueError:  # a grid that depends on the input size: the cost is not known
-            return None
-
-    @staticmethod
-    def work_per_evaluation(explainer) -> float:
-        """One evaluation's work against one of the head after the layer, by the bytes a row
-        writes: 1 for the head, the whole network's share for a ``whole_network`` method."""
-        if not explainer.whole_network:
-            return 1.0
-        split = explainer.split
-        return max(1.0, split.bytes_per_row("full", backward=True)
-                   / max(1, split.bytes_per_row("head", backward=True)))
+    evaluations = staticmethod(Costs.evaluations)
+    work_per_evaluation = staticmethod(Costs.work_per_evaluation)
 
     def estimate_seconds(self, explainer) -> float | None:
-        """Seconds the explainer's map is estimated to take, from its evaluations per image,
-        their work and the cost of one evaluation of the head measured on earlier maps (None
-        before the first map that needed more than one evaluation)."""
-        evaluations = self.evaluations(explainer)
-        if self._seconds_per_evaluation is None or evaluations is None:
-            return None
-        return evaluations * self.work_per_evaluation(explainer) * self._seconds_per_evaluation
+        """Seconds the explainer's map is estimated to take (:meth:`Costs.estimate`)."""
+        return self.costs.estimate(explainer)
 
     # -- updating ------------------------------------------------------------------------
 
@@ -348,20 +382,13 @@ class Explorer:
                                        upsample=not self.raw_grid.value,
                                        threshold=self.threshold.value)
         seconds = time.perf_counter() - start
-        self._measured(explainer, seconds)
+        self.costs.measured(explainer, seconds)
         self.picture.value = overlay_png(self.images[index], result.maps[0], self.alpha.value,
                                          self.threshold.value, self.size)
         self.last = {"method": explainer.name, "layer": explainer.layer, "seconds": seconds,
                      "map": result.maps[0], "raw": result.raw[0], "image": index,
                      "target": result.target, "settings": explainer.settings}
         self.info.value = self._describe(result, explainer, seconds)
-
-    def _measured(self, explainer, seconds: float) -> None:
-        """Keep the cost of one evaluation of the head from a map of many evaluations."""
-        evaluations = self.evaluations(explainer)
-        if evaluations is not None and evaluations > 1:
-            self._seconds_per_evaluation = seconds / (evaluations
-                                                      * self.work_per_evaluation(explainer))
 
     def _describe(self, result, explainer, seconds: float) -> str:
         name = self._class_name
@@ -404,7 +431,7 @@ class Explorer:
             with self.progress:
                 result = explainer.explain(self.images[index:index + 1], self._target(),
                                            threshold=self.threshold.value)
-            self._measured(explainer, time.perf_counter() - start)
+            self.costs.measured(explainer, time.perf_counter() - start)
             out[explainer.name] = result.maps[0]
             picture = widgets.Image(value=overlay_png(self.images[index], result.maps[0],
                                                       self.alpha.value, self.threshold.value,

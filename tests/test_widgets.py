@@ -97,7 +97,7 @@ def test_raw_grid_targets_and_every_method(explorer):
 
 def test_an_expensive_choice_waits_for_compute(explorer):
     explorer.method.value = "fastablationcam"  # measures the cost of one evaluation
-    assert explorer._seconds_per_evaluation is not None
+    assert explorer.costs.seconds_per_evaluation is not None
     explorer.ask_above = 0.0
     shown = bytes(explorer.picture.value)
     explorer.method.value = "ablationcam"
@@ -109,7 +109,7 @@ def test_an_expensive_choice_waits_for_compute(explorer):
 
 
 def test_estimates_follow_each_methods_declared_cost(explorer):
-    explorer._seconds_per_evaluation = 0.01
+    explorer.costs.seconds_per_evaluation = 0.01
     gradcam, occlusion = explorer.explainer("gradcam"), explorer.explainer("occlusion")
     assert explorer.estimate_seconds(gradcam) == pytest.approx(0.01)  # one evaluation
     # a whole-network evaluation costs more than one of the head
