@@ -40,11 +40,11 @@ class Shared:
         model (on JAX those are passed in on every call, so a head-only function passes the
         head's few). ``gradient``: the gradient of its scores with respect to its first
         argument; ``fuse``: compile with XLA on TensorFlow too (:func:`cam.backend.compiled`)."""
-        variables = self.split.variables(part)
+        variables = self.split.variables
         if gradient:
             return self.get(("gradient", key, part),
-                            lambda: B.gradient(make_fn(), variables))
-        return self.get((key, part, fuse), lambda: B.compiled(make_fn(), variables, fuse))
+                            lambda: B.gradient(make_fn(), variables(part)))
+        return self.get((key, part, fuse), lambda: B.compiled(make_fn(), variables(part), fuse))
 
 
 def shared(model, layer, score, reshape) -> Shared:
