@@ -12,6 +12,12 @@ with the activation for a cell mask (N, h, w, 1), whole or fractional. The rest 
 whatever it is (an MLP, a softmax, dropout, a normalisation, several outputs), then runs on
 rows of moved vectors, which are tiny next to the feature map.
 
+Where a Dense layer reads the pooled vector (through inference-time identities: Dropout) and
+every mask ablates one channel k (Ablation-CAM), that layer's output moves by one row of its
+kernel: x W + b becomes z + (v - p_k) W_k with z = p W + b computed once per image, so the
+C ablations of an image cost C D for the Dense layer instead of C^2 D; the layer's
+activation and the rest of the head run per row.
+
 :mod:`cam.perturbation` takes this path when the explainer's own mask kind (decided in
 Python, never from traced shapes) is "channel" or "cell" and :func:`find` recognises the head.
 """
@@ -21,12 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import ops
 
 from .graph import Call, Split, calls_bytes_per_row
 
 #: The mask kinds the shortcut has a closed form for.
 KINDS = ("channel", "cell")
+#: Inference-time identities between the pooling and a Dense layer.
+IDENTITIES = (keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.GaussianNoise,
+              keras.layers.GaussianDropout, keras.layers.AlphaDropout)
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,9 @@ class PooledHead:
     split: Split
     pool: Call
     rest: tuple
+    #: The Dense call that reads the pooled vector (through identities), which one-channel
+    #: ablations update a kernel row at a time; None where there is none.
+    dense: Call | None = None
 
     @property
     def key(self):
@@ -49,13 +62,27 @@ class PooledHead:
         live = [self.key, *self.split.bypass]
         return calls_bytes_per_row(self.rest, specs, live)
 
-    def scores(self, moved, bypass) -> object:
+    def scores(self, moved, bypass, after_dense: bool = False) -> object:
         """The model's outputs (as the split scores them) from rows of moved pooled vectors
-        (R, C) and the rows' bypass tensors."""
+        (R, C), or with ``after_dense`` of the :attr:`dense` layer's moved outputs before its
+        activation (R, D), and the rows' bypass tensors."""
+        values = dict(zip(self.split.bypass, bypass))
+        if after_dense:
+            op = self.dense.operation
+            removed = id(self.dense) in self.split.overrides  # the logits: no activation
+            values[self.dense.out_keys[0]] = moved if removed or op.activation is None \
+                else op.activation(moved)
+            return self.split.run(self.rest[self.rest.index(self.dense) + 1:], values)
         if self.pool.operation.keepdims:
             moved = ops.reshape(moved, (-1, 1, 1, ops.shape(moved)[-1]))
-        values = {self.key: moved, **dict(zip(self.split.bypass, bypass))}
+        values[self.key] = moved
         return self.split.run(self.rest, values)
+
+    def dense_outputs(self, pooled):
+        """The :attr:`dense` layer's outputs before its activation, p W + b, (k, D)."""
+        op = self.dense.operation
+        out = ops.matmul(pooled, ops.cast(op.kernel, pooled.dtype))
+        return out + ops.cast(op.bias, pooled.dtype) if op.use_bias else out
 
 
 def find(split: Split) -> PooledHead | None:
@@ -72,7 +99,28 @@ def find(split: Split) -> PooledHead | None:
         return None
     if any(split.target in call.arg_keys for call in rest):
         return None
-    return PooledHead(split, first, tuple(rest))
+    return PooledHead(split, first, tuple(rest), _dense_after(first, rest))
+
+
+def _dense_after(pool: Call, rest: list) -> Call | None:
+    """The plain Dense call that reads the pooled vector through identities, where nothing
+    else reads the pooled vector or those identities' outputs; None otherwise."""
+    if pool.operation.keepdims:
+        return None
+    chain = {pool.out_keys[0]}
+    for call in rest:
+        if not any(k in chain for k in call.arg_keys):
+            continue
+        if len(call.arg_keys) != 1 or sum(k in chain for c in rest for k in c.arg_keys) > 1:
+            return None  # the chain forks, or the call reads more than the chain
+        if isinstance(call.operation, IDENTITIES):
+            chain = set(call.out_keys)
+            continue
+        op = call.operation
+        plain = type(op) is keras.layers.Dense and not op.lora_enabled and \
+            op.quantization_mode is None
+        return call if plain else None
+    return None
 
 
 def cell_shifts(activation, masks, value):
@@ -95,3 +143,22 @@ def channel_moved(pooled, masks, value):
 def cell_moved(pooled, shifts, value):
     """Rows' pooled vectors (R, C) moved by their precomputed shifts (R, C)."""
     return pooled + shifts
+
+
+def one_channel(masks) -> "np.ndarray | None":
+    """The channel each of N boolean channel masks (N, 1, 1, C) ablates, (N,) int32, where
+    each ablates exactly one (Ablation-CAM's); None otherwise. NumPy, decided once per grid."""
+    flat = np.asarray(masks).reshape(len(masks), -1)
+    if masks.dtype != bool or masks.shape[1:3] != (1, 1) or (flat.sum(axis=1) != 1).any():
+        return None
+    return flat.argmax(axis=1).astype(np.int32)
+
+
+def dense_moved(rows, channels, value, kernel):
+    """Rows of [p, z] (R, C + D), p the pooled vector and z = p W + b, moved by ablating
+    channel ``channels`` (R,) to ``value``: z + (v - p_k) W_k, (R, D)."""
+    c = ops.shape(kernel)[0]
+    p, z = rows[:, :c], rows[:, c:]
+    p_k = ops.take_along_axis(p, ops.expand_dims(channels, 1), axis=1)
+    return z + (ops.cast(value, p.dtype) - p_k) * ops.take(ops.cast(kernel, p.dtype), channels,
+                                                        axis=0)

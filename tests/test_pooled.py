@@ -49,6 +49,22 @@ def mlp_head():
     return keras.Model(x, L.Dense(4, name="logits")(h), name="mlp")
 
 
+def dropout_dense():
+    """Pooling, Dropout, Dense with ReLU, Dense with softmax: one-channel ablations move the
+    first Dense layer's output by a kernel row, through the Dropout."""
+    x, _, t = _trunk(5)
+    h = L.Dropout(0.5, name="drop")(L.GlobalAveragePooling2D(name="pool")(t))
+    h = L.Dense(9, activation="relu", name="fc")(h)
+    return keras.Model(x, L.Dense(4, activation="softmax", name="predictions")(h), name="drop")
+
+
+def study_head():
+    """The study's head: pooling and one Dense softmax layer (the logits read before it)."""
+    x, _, t = _trunk(6)
+    p = L.GlobalAveragePooling2D(name="pool")(t)
+    return keras.Model(x, L.Dense(5, activation="softmax", name="predictions")(p), name="cam")
+
+
 def two_outputs():
     """Two heads on the pooled vector, and a third input to one of them from the trunk (a
     bypass tensor that the rest of the head reads per row)."""
@@ -62,6 +78,8 @@ def two_outputs():
 
 @pytest.mark.parametrize("build, score, targets", [
     (seed_head, "logit", None), (seed_head, "probability", [1, 2, 0]),
+    (dropout_dense, "logit", [0, 3, 2]), (study_head, "logit", None),
+    (study_head, "probability", [4, 4, 1]),
     (mlp_head, "logit", [3, 0, 1]),
     (two_outputs, "logit", cam.targets.Output("species", cam.targets.Class(2))),
     (two_outputs, "probability", cam.targets.Output("quality", cam.targets.Class(1))),
@@ -114,3 +132,32 @@ def test_a_pooled_row_costs_a_vector_not_a_feature_map():
     # inputs and outputs (Dense 6 -> 8 is larger than 8 -> 5)
     assert explainer.bytes_per_row() == 4 * (6 + (6 + 8))
     assert explainer.bytes_per_row() < explainer.split.bytes_per_row("head")
+
+
+@pytest.mark.parametrize("build, dense", [(seed_head, "fc"), (dropout_dense, "fc"),
+                                          (study_head, "predictions"), (mlp_head, None),
+                                          (two_outputs, None)])
+def test_one_channel_ablations_move_a_dense_output_by_a_kernel_row(build, dense):
+    """Ablation-CAM's masks each ablate one channel: where a Dense layer reads the pooled
+    vector (through Dropout), the rows move that layer's output by one kernel row ("dense");
+    cell masks, and heads without such a layer, move the pooled vector."""
+    model = build()
+    found = pooled.find(cam.AblationCAM(model, "relu2").split)
+    assert (found.dense.operation.name if found.dense else None) == dense
+    kinds = {method.name: method(model, "relu2", **options).pooled_kind()
+             for method, options in ABLATIONS}
+    assert kinds == {"Ablation-CAM": "dense" if dense else "channel",
+                     "FastAblationCAM": "cell", "ReciproCAM": "cell"}
+    explainer = cam.AblationCAM(model, "relu2")
+    features = explainer.features(random_images(SHAPE, 2, seed=13))
+    # two channels at once are not one kernel row: the pooled vector moves instead
+    two = np.zeros((1, 1, 1, 6), bool)
+    two[..., :2] = True
+    assert explainer.pooled_kind(two) == "channel"
+    target = 0 if len(model.outputs) == 1 else \
+        cam.targets.Output("species", cam.targets.Class(0))
+    full = cam.AblationCAM(model, "relu2", mode="full")
+    np.testing.assert_allclose(explainer.perturbed_scores(features, target, two),
+                               full.perturbed_scores(full.features(
+                                   random_images(SHAPE, 2, seed=13)), target, two),
+                               rtol=1e-5, atol=1e-5)
