@@ -15,12 +15,17 @@ help:
 # The other two Keras backends, CPU builds, for the library's tests on each: torch pinned to the
 # CPU build this machine keeps on disk (an unpinned torch from PyPI is a CUDA build of several GB).
 BACKEND_PKGS ?= torch==2.13.0 'jax>=0.4.34'
+# KerasHub for the detection tests (tests/test_detection.py): models built from configs, no weights.
+KERAS_HUB ?= 'keras-hub==0.32.*'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(BACKEND_PKGS)
-	$(PY) -m pip install --quiet -e '.[study,test,notebooks,peer,jax,torch]'
+	$(PY) -m pip install --quiet -e '.[study,test,hub,notebooks,peer,jax,torch]'
+	@# KerasHub without its dependencies: they pin tensorflow-text, which would replace this
+	@# project's TensorFlow (the hub extra holds what its import needs)
+	$(PY) -m pip install --quiet --no-deps $(KERAS_HUB)
 	@# the git filter; .gitattributes (committed) already names notebooks/*.ipynb, so nbstripout
 	@# adds no *.ipynb line there: results/*/notebooks/ keep their outputs
 	@if [ -d .git ]; then $(VENV)/bin/nbstripout --install --attributes .gitattributes; fi
