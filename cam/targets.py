@@ -24,6 +24,7 @@ or sigmoid, so ``outputs`` are the logits and a target scores logits; with
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import numpy as np
@@ -351,3 +352,9 @@ class _Merged(Target):
 
     def __repr__(self):
         return f"[{self.kind!r}, ...]"
+
+
+def __getattr__(name):  # detection targets live in cam/detection.py, which builds on Target
+    if name in ("Box", "RetinaNet", "DFine"):
+        return getattr(importlib.import_module(".detection", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
