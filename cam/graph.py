@@ -15,7 +15,8 @@ head runs per ablation, with the bypass broadcast across the ablation batch.
 
 This walks Keras' functional graph, the same structure ``keras.Model.__call__`` executes, so it
 needs a functional or Sequential model; a subclassed model can only be a leaf call, not split
-inside. Keras has no public API for that graph: every private access goes through
+inside (a layer only its ``call`` reaches is explained by interception, :mod:`cam.intercept`).
+Keras has no public API for that graph: every private access goes through
 :mod:`cam.keras_internals`, which fails loudly on a Keras version it does not know.
 
 Token layers (a Vision Transformer's (batch, tokens, channels) outputs) are explained on their
@@ -33,8 +34,9 @@ import keras
 import numpy as np
 from keras import tree
 
-from .keras_internals import (activation_swapped, call_takes_training, fill_in_arguments,
-                              functional_graph, graph_nodes)
+from .keras_internals import (call_takes_training, fill_in_arguments, functional_graph,
+                              graph_nodes)
+from .logits import PreActivation, is_passthrough, output_activation
 from .tokens import TokenGrid, square_tokens
 
 Key = tuple  # (call path, id of the KerasTensor in its own graph)
@@ -64,7 +66,7 @@ class Call:
         op = operation or self.operation
         # Explanations are of the deployed model: Dropout off, BatchNorm on moving statistics
         # (an explicit training=True in the model, e.g. Monte-Carlo dropout, is overridden too).
-        # An override (_PreActivation) runs its layer without ``training``.
+        # An override (PreActivation) runs its layer without ``training``.
         if operation is None and self.takes_training:
             kwargs["training"] = False
         outputs = tree.flatten(op(*args, **kwargs))
@@ -149,7 +151,7 @@ class LayerGraph:
             if name not in leaf_names or len(calls) != 1 or len(calls[0]) != 1:
                 continue
             shape = tuple(self.specs[calls[0][0]].shape)
-            if _has_grid(shape) or square_tokens(shape):
+            if has_grid(shape) or square_tokens(shape):
                 out.append((self.short_name(name), shape))
         return out
 
@@ -158,6 +160,10 @@ class LayerGraph:
         leaf = qualified.rsplit("/", 1)[-1]
         same = [n for n in self.layer_outputs if n.rsplit("/", 1)[-1] == leaf]
         return leaf if len(same) == 1 else qualified
+
+    def has_layer(self, name: str) -> bool:
+        """Whether a layer of the graph is called ``name`` (qualified, or its plain name)."""
+        return any(n == name or n.rsplit("/", 1)[-1] == name for n in self.layer_outputs)
 
     def resolve(self, layer: str | int | None) -> tuple[str, Key]:
         """Name and output key of the target layer (a name, an index into candidates, None)."""
@@ -201,7 +207,7 @@ class LayerGraph:
         if len(calls[0]) != 1:
             raise ValueError(f"layer {name!r} has {len(calls[0])} outputs; a CAM target needs one")
         shape = tuple(self.specs[calls[0][0]].shape)
-        if not (_has_grid(shape) or len(shape) == 3):
+        if not (has_grid(shape) or len(shape) == 3):
             raise ValueError(
                 f"layer {name!r} outputs shape {shape}, which has no spatial grid: CAM methods "
                 f"need a (batch, h, w, channels) output with h, w > 1, or (batch, tokens, "
@@ -211,52 +217,16 @@ class LayerGraph:
         return name, calls[0][0]
 
 
-def _has_grid(shape: tuple) -> bool:
+def has_grid(shape: tuple) -> bool:
     return len(shape) == 4 and all(d is None or d > 1 for d in shape[1:3])
-
-
-def _is_activation(fn, name: str) -> bool:
-    return fn is getattr(keras.activations, name) or getattr(fn, "__name__", "") == name
-
-
-class _PreActivation:
-    """Calls a layer with its activation left out, sharing its weights (the model is untouched)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, *args, **kwargs):
-        kwargs.pop("training", None)
-        # Swapped for the duration of one call, which leaves no trace on the user's model.
-        with activation_swapped(self.layer, keras.activations.linear):
-            return self.layer(*args, **kwargs)
-
-
-def output_activation(call: Call) -> str | None:
-    """'softmax' / 'sigmoid' when the call applies one (as a layer, an activation, or an op)."""
-    op = call.operation
-    if isinstance(op, keras.layers.Softmax) or type(op).__name__ == "Softmax":
-        return "softmax"
-    if type(op).__name__ == "Sigmoid":
-        return "sigmoid"
-    fn = getattr(op, "activation", None)
-    for name in ("softmax", "sigmoid"):
-        if fn is not None and _is_activation(fn, name):
-            return name
-    return None
-
-
-def _is_passthrough(call: Call) -> bool:
-    """A layer that leaves values alone: Activation('linear'), e.g. the float32 cast that
-    mixed-precision models put after the classifier, or Identity."""
-    op = call.operation
-    if isinstance(op, keras.layers.Identity):
-        return True
-    return isinstance(op, keras.layers.Activation) and _is_activation(op.activation, "linear")
 
 
 class Split:
     """Trunk and head of a model at a target layer. See the module docstring."""
+
+    #: Whether the head runs alone (a layer only a ``call`` reaches has no head:
+    #: :class:`cam.intercept.InterceptedSplit`).
+    head_only = True
 
     def __init__(self, model: keras.Model, layer: str | int | None = None,
                  score: str = "logit", reshape=None, *, graph: "LayerGraph | None" = None):
@@ -317,6 +287,11 @@ class Split:
         self.target_shape = shape
         self.bypass_shapes = [tuple(graph.specs[k].shape[1:]) for k in self.bypass]
 
+    @property
+    def input_shape(self) -> tuple:
+        """The model's input, (None, H, W, C)."""
+        return tuple(self.graph.input_specs[0].shape)
+
     def _scored_output(self, output, score, model, single: bool):
         """(key of the output as scored, its final activation or None) for one model output:
         with score='logit' a final softmax or sigmoid is looked through (trailing linear
@@ -324,7 +299,7 @@ class Split:
         graph = self.graph
         producers = {k: c for c in graph.calls for k in c.out_keys}
         last = producers.get(output)
-        while last is not None and _is_passthrough(last) and len(last.arg_keys) == 1:
+        while last is not None and is_passthrough(last) and len(last.arg_keys) == 1:
             last = producers.get(last.arg_keys[0])  # look through trailing linear layers
         activation = output_activation(last) if last is not None else None
         if score == "probability" and activation is None and single:
@@ -337,7 +312,7 @@ class Split:
             if not hasattr(op, "activation") or isinstance(op, keras.layers.Activation):
                 output = last.arg_keys[0]  # the logits are the activation's input
             else:
-                self.overrides[id(last)] = _PreActivation(op)
+                self.overrides[id(last)] = PreActivation(op)
         return output, activation
 
     def part_calls(self, part: str) -> list[Call]:

@@ -8,6 +8,11 @@ raises :class:`KerasInternalsError` naming the internal and the installed Keras 
 instead of letting cam compute maps from a misread graph. ``tests/test_keras_internals.py``
 checks every assumption against the installed Keras.
 
+:mod:`cam.intercept` explains a layer that only a ``call`` reaches (inside a subclassed model
+or layer) by intercepting that layer's ``call`` for the length of one model call, and finds
+such layers by their attributes: :func:`call_intercepted`, :func:`layer_attributes` and
+:func:`built_input_shape` are here for that.
+
 This module imports only keras and the standard library and has no import-time side effects.
 """
 
@@ -29,6 +34,9 @@ __all__ = [
     "fill_in_arguments",
     "call_takes_training",
     "activation_swapped",
+    "built_input_shape",
+    "call_intercepted",
+    "layer_attributes",
 ]
 
 
@@ -212,3 +220,98 @@ def activation_swapped(layer: Any, fn: Callable) -> Iterator[Any]:
         yield layer
     finally:
         object.__setattr__(layer, "activation", saved)
+
+
+# --------------------------------------------------------------------------- call-only layers
+
+
+@contextlib.contextmanager
+def call_intercepted(layer: Any, hook: Callable) -> Iterator[Any]:
+    """Within the ``with`` block, every call of ``layer`` runs ``hook(call, *args, **kwargs)``
+    in place of ``call(*args, **kwargs)``, where ``call`` is the layer's own ``call``; the
+    layer is restored on exit, also when the block raises. Blocks may nest on one layer.
+
+    Assumes ``Layer.__call__`` (Keras' bookkeeping: building, masks, the ``training`` flag,
+    autocasting) ends by looking up ``self.call`` on the instance, so that an instance
+    attribute set with ``object.__setattr__`` (which neither Keras' nor PyTorch's attribute
+    tracking records) takes its place; that lookup happens again at every call, so the hook
+    also runs while ``tf.function``, ``jax.jit`` or autograd trace the model. No public API
+    serves: Keras has no forward hooks (PyTorch's ``register_forward_hook`` exists on the
+    torch backend only).
+    """
+    if not callable(getattr(layer, "call", None)):
+        raise _broken(f"{type(layer).__name__}.call (every Keras layer has a call method)")
+    own = vars(layer)
+    had_own, saved = "call" in own, own.get("call")
+    original = layer.call
+
+    def intercepted(*args, **kwargs):
+        return hook(original, *args, **kwargs)
+
+    object.__setattr__(layer, "call", intercepted)
+    try:
+        yield layer
+    finally:
+        if had_own:
+            object.__setattr__(layer, "call", saved)
+        else:
+            object.__delattr__(layer, "call")
+
+
+def _keras_own_attributes() -> frozenset:
+    """Names of the attributes a bare ``keras.layers.Layer`` and ``keras.Model`` set on
+    themselves (trackers, flags, compiled functions): none of them is a user's sub-layer."""
+    if not _OWN:
+        names = set(vars(keras.layers.Layer(name="cam_bare_layer"))) | set(
+            vars(keras.Model(name="cam_bare_model")))  # named: no auto-name is used up
+        _OWN.append(frozenset(names))
+    return _OWN[0]
+
+
+_OWN: list = []
+
+
+def layer_attributes(layer: Any) -> list[tuple[str, Any]]:
+    """``(name, value)`` of the attributes a layer's own code set on it (``self.conv = ...``,
+    ``self.blocks = [...]``), in the order they were set, leaving out those every Keras layer
+    and model sets on itself (and TensorFlow's ``_self_*`` tracking attributes).
+
+    Assumes that an attribute lives in the instance's ``__dict__`` (``vars``), except on the
+    torch backend, where Keras layers are ``torch.nn.Module``s and a sub-layer set as an
+    attribute is kept in the module registry that the public ``named_children`` lists (lists
+    and dicts of layers stay in ``__dict__``). No public Keras API serves: ``Model.layers``
+    lists a model's sub-layers without the attribute names, and a plain ``Layer`` has no
+    public list of its sub-layers at all.
+    """
+    own = _keras_own_attributes()
+    found = dict(vars(layer))
+    named_children = getattr(layer, "named_children", None)
+    if callable(named_children):  # torch: sub-layers live in the module registry
+        for name, child in named_children():
+            found.setdefault(name, child)
+    # TensorFlow's trackable bookkeeping (``_self_unconditional_dependency_names``, set once
+    # something is tracked) starts with "_self_"; "call" is set only by call_intercepted.
+    return [(name, value) for name, value in found.items()
+            if name not in own and not name.startswith(("__", "_self_")) and name != "call"]
+
+
+def built_input_shape(model: Any) -> tuple | None:
+    """The input shape a subclassed model was built with (``model.build(shape)``, or its
+    first call on data), batch dimension included; None when it was never built, or built
+    with several inputs.
+
+    Assumes ``Layer._build_shapes_dict`` maps the ``build`` argument's name to the shape it
+    was built with. No public API serves: ``model.input_shape`` exists only for models with
+    a graph (functional, Sequential), not for a subclassed model called on data.
+    """
+    try:
+        shapes = model._build_shapes_dict
+    except AttributeError as err:
+        raise _broken("Layer._build_shapes_dict", err) from err
+    if not shapes or len(shapes) != 1:
+        return None
+    (shape,) = shapes.values()
+    if not isinstance(shape, (tuple, list)) or not all(
+            d is None or isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)

@@ -359,3 +359,95 @@ def test_explicit_training_true_still_runs_in_inference_mode(explicit_training, 
     ablation = cam.AblationCAM(model, layer)
     np.testing.assert_allclose(raw(ablation, x), raw(cam.AblationCAM(clean, layer), x),
                                rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- call-only layers
+
+
+def test_call_intercepted_sees_and_replaces_the_output_and_restores_the_layer():
+    layer = L.Dense(2, name="dense")
+    x = np.ones((1, 3), np.float32)
+    before = _np(layer(x))
+    seen = []
+
+    def hook(call, *args, **kwargs):
+        out = call(*args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out * 0
+
+    with K.call_intercepted(layer, hook):
+        assert np.all(_np(layer(x)) == 0)
+    assert seen == [(1, 2)]
+    assert "call" not in vars(layer)
+    np.testing.assert_array_equal(_np(layer(x)), before)
+
+
+def test_call_intercepted_reaches_a_layer_inside_a_model_call_and_restores_on_error():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.inner = L.Dense(2)
+
+        def call(self, x):
+            return self.inner(x) + 1
+
+    net, x = Net(), np.ones((1, 3), np.float32)
+    net(x)
+
+    def fail(call, *args, **kwargs):
+        raise RuntimeError("inside")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with K.call_intercepted(net.inner, fail):
+            net(x)
+    assert "call" not in vars(net.inner)
+    with K.call_intercepted(net.inner, lambda call, *a, **k: call(*a, **k) * 0):
+        np.testing.assert_array_equal(_np(net(x)), np.ones((1, 2)))  # nested in the call
+
+
+def test_layer_attributes_are_the_sub_layers_code_set_in_order():
+    class Block(L.Layer):
+        def __init__(self):
+            super().__init__()
+            self.first = L.Dense(2)
+            self.stack = [L.Dense(2), L.Dense(2)]
+            self.table = {"a": L.ReLU()}
+            self._private = L.ReLU()
+            self.size = 3
+
+        def call(self, x):
+            return x
+
+    block = Block()
+    names = [name for name, _ in K.layer_attributes(block)]
+    assert {"first", "stack", "table", "_private", "size"} <= set(names)
+    assert not {"_tracker", "_layers", "name", "built"} & set(names)  # Keras' own
+    ordered = [n for n in names if n in ("first", "stack", "table", "_private")]
+    # torch keeps direct sub-layers apart from lists: the order holds within each kind
+    assert ordered.index("stack") < ordered.index("table")
+    assert ordered.index("first") < ordered.index("_private")
+    assert dict(K.layer_attributes(block))["first"] is block.first
+
+
+def test_built_input_shape_of_a_subclassed_model():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.inner = L.Dense(2)
+
+        def call(self, x):
+            return self.inner(x)
+
+    net = Net()
+    assert K.built_input_shape(net) is None
+    net(np.ones((4, 3), np.float32))
+    assert K.built_input_shape(net) == (4, 3)
+
+
+def test_a_renamed_build_shapes_dict_is_a_clear_error():
+    class Bare:
+        pass
+
+    with pytest.raises(KerasInternalsError) as info:
+        K.built_input_shape(Bare())
+    _assert_clear_error(info, "Layer._build_shapes_dict")
