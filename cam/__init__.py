@@ -7,6 +7,7 @@
     cam.candidate_layers(model)         # which layers can be explained
     print(cam.layer_table(model))       # the same as a table: index, name, shape, head-only
     cam.GradCAM(vit, "block1_norm1")    # ViT token layers (batch, tokens, D) work too
+    cam.GradCAM(net, "encoder/blocks/3")  # a layer only a subclassed model's call reaches
 
 From a shell: ``python -m cam layers MODEL.keras``, ``python -m cam explain MODEL.keras IMG``.
 
@@ -78,6 +79,8 @@ _EXPORTS = {
     "allow_tf32": "backend",
     "Quantile": "maps",
     "Split": "graph",
+    "InterceptedSplit": "intercept",
+    "ZeroMapWarning": "explainers",
     "TokenGrid": "tokens",
     "candidate_layers": "layers",
     "layer_table": "layers",

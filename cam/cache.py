@@ -1,12 +1,13 @@
 """What cam keeps per model: one split per layer and the compiled functions built on it.
 
-Explainers on the same model, layer, score and token layout share one
-:class:`cam.graph.Split` and its compiled functions, so a second explainer (another method,
+Explainers on the same model, layer, score and token layout share one split
+(:class:`cam.graph.Split`, or :class:`cam.intercept.InterceptedSplit` for a layer only a
+``call`` reaches) and its compiled functions, so a second explainer (another method,
 another window) does not trace or compile the network again (seconds for DenseNet-169).
 
 The store is keyed weakly by the model and holds only the model's name (the split's
-:class:`cam.graph.LayerGraph` holds no model): cam keeps nothing alive once the model is
-dropped. :func:`release` frees a model's entries early.
+:class:`cam.graph.LayerGraph` holds no model, an intercepted split holds it weakly): cam keeps
+nothing alive once the model is dropped. :func:`release` frees a model's entries early.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import weakref
 
 from . import backend as B
-from .graph import Split
+from .intercept import split_model
 
 #: model -> {(layer, score, reshape): Shared}
 _STORE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -22,10 +23,12 @@ _STORE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 class Shared:
     """A split and the compiled functions that depend only on it (and on the model's
-    weights, which every backend reads at call time)."""
+    weights, which every backend reads at call time): the graph's :class:`cam.graph.Split`
+    where the functional graph reaches the layer, else :class:`cam.intercept.InterceptedSplit`
+    (:func:`cam.intercept.split_model`)."""
 
     def __init__(self, model, layer, score, reshape):
-        self.split = Split(model, layer, score, reshape)
+        self.split = split_model(model, layer, score, reshape)
         self.functions: dict = {}
 
     def get(self, key, build):

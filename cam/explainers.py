@@ -32,6 +32,7 @@ Token layers (batch, tokens, C) of a Vision Transformer are explained on their p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -111,10 +112,12 @@ class Explainer:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
-        self.mode = mode
         # reshape: how a token layer (batch, tokens, C) lays out on its grid (cam.TokenGrid)
         self._shared = cache.shared(model, layer, score, reshape)
         self.split = self._shared.split
+        # A layer only a call reaches has no head (cam.intercept): "head" means head-only
+        # where the model allows it, so every evaluation runs the whole model there.
+        self.mode = mode if self.split.head_only else "full"
         self.layer = self.split.layer
         self.score = score
         # Compiled once per model and layer (cam.backend: tf.function, jax.jit or torch.no_grad)
@@ -168,7 +171,7 @@ class Explainer:
         if array.dtype == bool or not (np.issubdtype(array.dtype, np.floating)
                                        or np.issubdtype(array.dtype, np.integer)):
             raise TypeError(f"images must be a real-valued numeric array, got dtype {array.dtype}")
-        expected = tuple(self.split.graph.input_specs[0].shape)
+        expected = tuple(self.split.input_shape)
         if array.ndim != len(expected):
             raise ValueError(f"images must have shape {('B',) + expected[1:]} (a batch of images, "
                              f"rank {len(expected)}), got an array of shape {array.shape}; "
@@ -257,14 +260,19 @@ class Explainer:
                                           list(features.bypass), features.scores)
         params = self.target_params(target, outputs, len(images))
         scores = target.score(outputs, params)
-        raw = self.raw_maps(x, activation, bypass, target, params, scores)
+        raw, sensitivity = self.raw_maps_and_sensitivity(x, activation, bypass, target,
+                                                         params, scores)
         # Everything stays on the device until here: one copy to the host per call.
         flat_outputs = keras.tree.flatten(outputs)
         classes = params["k"] if isinstance(target, T.Class) else ops.zeros((0,), "int32")
-        raw, scores, classes, *flat_outputs = B.to_host(raw, scores, classes, *flat_outputs)
+        known = [] if sensitivity is None else [sensitivity]
+        raw, scores, classes, *rest = B.to_host(raw, scores, classes, *known, *flat_outputs)
+        known, flat_outputs = rest[:len(known)], rest[len(known):]
         outputs = keras.tree.pack_sequence_as(features.scores, flat_outputs)
         if self.split.num_classes is not None:
             self._check_logits(outputs)
+        if known:
+            self._warn_insensitive(known[0])
         raw = raw.astype(np.float32, copy=False)
         if normalize == "minmax":
             out = M.minmax_maps(raw, threshold)
@@ -316,6 +324,26 @@ class Explainer:
             scores = chunked(lambda a, *b: self._head(a, list(b)), rows, activation, *bypass)
         return activation, list(bypass), scores
 
+    def raw_maps_and_sensitivity(self, images, activation, bypass, target, params, scores):
+        """(:meth:`raw_maps`, sensitivity): with the maps, a tensor (B,) saying how much each
+        image's target score moves with the layer's cells (the templates: the largest
+        |dy/dA|, or the largest score drop beyond float32 rounding), exactly 0 where it does
+        not move at all (:class:`ZeroMapWarning`); None where the method does not say."""
+        return self.raw_maps(images, activation, bypass, target, params, scores), None
+
+    def _warn_insensitive(self, sensitivity: np.ndarray) -> None:
+        """Warn when some images' target score does not depend on the layer's cells."""
+        blind = np.flatnonzero(sensitivity == 0)
+        if len(blind):
+            warnings.warn(ZeroMapWarning(
+                f"{self.name} at layer {self.layer!r}: the target's score does not depend on "
+                f"the layer's cells for image(s) {blind[:10].tolist()}"
+                f"{' ...' if len(blind) > 10 else ''} (every gradient is exactly zero, or no "
+                f"perturbation moves the score), so their maps carry no evidence. Explain an "
+                f"earlier layer or block; a classifier that reads only its class token (token "
+                f"pooling) is blind to the patch tokens after its last attention, so explain a "
+                f"layer before it or pool the tokens by average."), stacklevel=3)
+
     def raw_maps(self, images, activation, bypass, target, params, scores):
         """The method: (B, h, w) raw maps for a batch, given the ``images``, the trunk's target
         ``activation`` (B, h, w, C) and ``bypass`` tensors, the ``target``
@@ -323,6 +351,11 @@ class Explainer:
         (B,), all backend tensors on the device; returns a tensor there. The templates below
         implement it; a new kind of method overrides it."""
         raise NotImplementedError
+
+
+class ZeroMapWarning(UserWarning):
+    """The target's score does not depend on the explained layer's cells for some images, so
+    their maps are zero (or flat) and carry no evidence."""
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ class GradientExplainer(Explainer):
         raise NotImplementedError
 
     def raw_maps(self, images, activation, bypass, target, params, scores):
+        return self.raw_maps_and_sensitivity(images, activation, bypass, target, params,
+                                             scores)[0]
+
+    def raw_maps_and_sensitivity(self, images, activation, bypass, target, params, scores):
+        """The maps and each image's largest |dy/dA| (0: the score ignores the layer)."""
         rows = min(self.rows_per_call("head" if self.mode == "head" else "full", backward=True),
                    ops.shape(activation)[0])
         gradients = self.gradient_function(target)
@@ -61,7 +66,8 @@ class GradientExplainer(Explainer):
             bypass, values = rest[:len(rest) - len(names)], rest[len(rest) - len(names):]
             start = activation if self.mode == "head" else ops.zeros_like(activation)
             watched, grads = gradients(start, list(bypass), images, dict(zip(names, values)))
-            return C.weighted_channel_sum(watched, self.channel_weights(watched, grads))
+            return (C.weighted_channel_sum(watched, self.channel_weights(watched, grads)),
+                    ops.max(ops.abs(grads), axis=(1, 2, 3)))
 
         return chunked(one_call, rows, activation, images, *bypass,
                         *(params[n] for n in names))

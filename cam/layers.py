@@ -5,6 +5,9 @@ from __future__ import annotations
 import keras
 
 from .graph import LayerGraph, Split
+from .intercept import NOTE, call_only_candidates
+from .keras_internals import functional_graph
+from .tokens import TokenGrid
 
 
 def candidate_layers(model: keras.Model) -> list[tuple[str, tuple]]:
@@ -15,7 +18,13 @@ def candidate_layers(model: keras.Model) -> list[tuple[str, tuple]]:
     if there is one. Layers inside nested models are included; their name is qualified
     (``outer/inner``) only when the plain name is not unique. The list index is what
     ``layer=<int>`` means; :func:`layer_table` prints it as a table.
+
+    For a model without a functional graph (a subclassed model) these are the layers its
+    ``call`` reaches, named by attribute path (``"encoder/blocks/3"``, :mod:`cam.intercept`),
+    in the order their calls return.
     """
+    if functional_graph(model) is None:
+        return call_only_candidates(model)
     return LayerGraph.from_model(model).candidates()
 
 
@@ -41,7 +50,8 @@ class LayerTable(list):
     def __str__(self) -> str:
         # Numbers and flags right-aligned, text left-aligned, two spaces between columns.
         names = self.columns[1:]
-        cells = [[str(row["index"])] + [str(row[k]) for k in names] for row in self]
+        cells = [["" if row["index"] is None else str(row["index"])]
+                 + [str(row[k]) for k in names] for row in self]
         header = [""] + list(names)
         widths = [max(len(r[i]) for r in [header] + cells) for i in range(len(header))]
         right = [True] + [k in ("head-only", "head layers") for k in names]
@@ -56,6 +66,20 @@ class LayerTable(list):
         return self.__str__()
 
 
+def _grid(target_shape: tuple, tokens) -> str:
+    h, w = target_shape[:2]
+    return f"{h}x{w}" + (f" +{tokens.prefix + tokens.suffix} token"
+                         if tokens and tokens.carried else "")
+
+
+def _call_only_grid(shape: tuple) -> str:
+    """The grid of a call-only candidate's output (a grid, or square tokens)."""
+    if len(shape) == 4:
+        return _grid(shape[1:], None)
+    tokens = TokenGrid.infer(shape[1])
+    return _grid((tokens.height, tokens.width), tokens)
+
+
 def layer_table(model: keras.Model, score: str = "logit") -> LayerTable:
     """The candidate layers as a table: which ``layer=`` to pass, and what it costs.
 
@@ -66,10 +90,15 @@ def layer_table(model: keras.Model, score: str = "logit") -> LayerTable:
     (True when the model splits at the layer so the ablation methods rerun only the head;
     False with the reason in ``note`` otherwise) and ``head layers`` (how many layer calls
     each ablation reruns, out of the model's total).
+
+    Layers only a ``call`` reaches (a subclassed model's, or those inside a custom layer of a
+    functional model) are listed too, by attribute path, with ``head-only`` False and the
+    note "intercepted: whole model per evaluation" (:mod:`cam.intercept`). In a functional
+    model they come after the graph's layers, with no index: pass their name.
     """
-    graph = LayerGraph.from_model(model)
     rows = LayerTable()
-    for index, (name, shape) in enumerate(graph.candidates()):
+    graph = LayerGraph.from_model(model) if functional_graph(model) is not None else None
+    for index, (name, shape) in enumerate(graph.candidates() if graph else ()):
         row = {"index": index, "layer": name, "output shape": shape, "grid": "",
                "head-only": False, "head layers": "", "note": ""}
         try:
@@ -77,10 +106,12 @@ def layer_table(model: keras.Model, score: str = "logit") -> LayerTable:
         except ValueError as err:
             row["note"] = str(err).split(";")[0]
         else:
-            h, w = split.target_shape[:2]
-            row["grid"] = f"{h}x{w}" + (f" +{split.tokens.prefix + split.tokens.suffix} token"
-                                        if split.tokens and split.tokens.carried else "")
+            row["grid"] = _grid(split.target_shape, split.tokens)
             row["head-only"] = True
             row["head layers"] = f"{len(split.head_calls)}/{len(graph.calls)}"
         rows.append(row)
+    for index, (name, shape) in enumerate(call_only_candidates(model)):
+        rows.append({"index": None if graph else index, "layer": name, "output shape": shape,
+                     "grid": _call_only_grid(shape), "head-only": False, "head layers": "",
+                     "note": NOTE})
     return rows

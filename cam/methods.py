@@ -257,9 +257,9 @@ class Occlusion(PerturbationExplainer):
                              f"every pixel is occluded at least once, got {stride!r}")
         super().__init__(model, layer, score, mode, reshape, batch_size)
         self.window, self.stride = window, stride
-        channels = self.split.graph.input_specs[0].shape[-1]
+        channels = self.split.input_shape[-1]
         self.baseline = _check_baseline(baseline, channels)
-        size = tuple(self.split.graph.input_specs[0].shape[1:3])
+        size = tuple(self.split.input_shape[1:3])
         if None not in size:
             self.geometry(size)  # a window that cannot fit the model's input fails here
         self.layer = "input"

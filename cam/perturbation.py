@@ -55,6 +55,10 @@ from .explainers import Explainer, check_batch_size, per_row
 PATHS: Counter = Counter()
 #: Calls of at least this many compiled scoring calls show a progress bar.
 PROGRESS_CALLS = 8
+#: Score drops at most this fraction of the score are float32 rounding (the head batched
+#: differently), not evidence: a layer whose every drop is that small is one the score
+#: ignores (cam.explainers.ZeroMapWarning).
+ROUNDING = 1e-6
 
 
 def score_rows(score, count: int, masks: int, rows: int, *args, desc: str = ""):
@@ -137,7 +141,7 @@ class PerturbationExplainer(Explainer):
     def grid_shape(self) -> tuple:
         """The shape the masks apply to, per image: the layer's (h, w, C) or the input's."""
         if self.APPLIES_TO == "input":
-            return tuple(self.split.graph.input_specs[0].shape[1:])
+            return tuple(self.split.input_shape[1:])
         return tuple(self.split.target_shape)
 
     @property
@@ -244,9 +248,21 @@ class PerturbationExplainer(Explainer):
                           list(bypass), masks, args, params, desc=self.name)
 
     def raw_maps(self, images, activation, bypass, target, params, scores):
+        return self.raw_maps_and_sensitivity(images, activation, bypass, target, params,
+                                             scores)[0]
+
+    def raw_maps_and_sensitivity(self, images, activation, bypass, target, params, scores):
+        """The maps and, for masks of the layer's activation, each image's largest score
+        drop |y - y_perturbed| beyond float32 rounding of y (0: no perturbation of the
+        layer moves the score); None for masks of the input."""
         masks, _ = self.row_masks(images, activation)
         perturbed = self.score_all(images, activation, bypass, target, params)
-        return self.combine(activation, scores, perturbed, masks)
+        maps = self.combine(activation, scores, perturbed, masks)
+        if self.APPLIES_TO == "input":
+            return maps, None
+        drops = ops.abs(ops.expand_dims(scores, 1) - perturbed)
+        rounding = ROUNDING * ops.abs(ops.expand_dims(scores, 1))
+        return maps, ops.max(ops.where(drops <= rounding, 0.0, drops), axis=1)
 
 
 class AblationExplainer(PerturbationExplainer):

@@ -134,12 +134,14 @@ class SettingControl:
 
 def explainable_rows(table, model_name: str, layer=None) -> tuple[list, str]:
     """The rows of a :func:`cam.layer_table` with a grid, and the layer to start at
-    (``layer``, default the last with a grid), or a clear error."""
+    (``layer``, default the last with a grid that runs head-only, else the last with a
+    grid), or a clear error."""
     rows = [r for r in table if r["grid"]]
     if not rows:
         raise ValueError(f"model {model_name!r} has no layer with a spatial grid to explain")
     names = [r["layer"] for r in rows]
-    start = layer if layer is not None else names[-1]
+    head_only = [r["layer"] for r in rows if r["head-only"]]
+    start = layer if layer is not None else (head_only or names)[-1]
     if start not in names:
         raise ValueError(f"layer {start!r} is not one cam can explain; choose one of "
                          f"{', '.join(names)}")
