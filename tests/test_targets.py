@@ -97,8 +97,11 @@ def test_one_region_per_image_and_a_new_mask_compiles_nothing(segmenter):
     stacked = explainer.explain(images, T.Region(2, masks), normalize=False)
     np.testing.assert_allclose(together.raw, stacked.raw, rtol=1e-6)
     for i in range(2):
+        # one image against two in a call: float32 convolutions round by batch size (PyTorch
+        # 2.13 on the CPU moves a drop of 0.025 by 1.9e-6), so the maps are compared on
+        # their own scale, as everywhere else
         alone = explainer.explain(images[i:i + 1], T.Region(2, masks[i]), normalize=False)
-        np.testing.assert_allclose(together.raw[i], alone.raw[0], rtol=1e-5, atol=1e-6)
+        assert_rel_close(together.raw[i], alone.raw[0], rtol=1e-5)
     scorer = explainer.scoring_function(T.Region(2, masks[0]))
     traces = scorer.traces
     explainer.explain(images, T.Region(2, 1 - masks))  # new parameters, same kind
