@@ -200,13 +200,33 @@ class PerturbationExplainer(Explainer):
         """The compiled scoring of rows that :meth:`explain` uses for a class target."""
         return self.scoring_function(T.Class(0))
 
-    def scoring_function(self, target) -> B.Compiled:
-        """The compiled scoring of rows on :attr:`path` for ``target``'s kind, shared by
-        every explainer on this model and layer that perturbs the same way."""
+    def pooled_kind(self, masks: np.ndarray | None = None) -> str | None:
+        """How the pooled path moves a row (None off that path): "cell" and "channel" move
+        the pooled vector; "dense", where every mask ablates one channel before a Dense
+        layer, moves that layer's output by a kernel row (:mod:`cam.pooled`). Decided in
+        Python from the masks (this method's own for its layer by default)."""
+        if self.path != "pooled":
+            return None
+        if self.MASK_KIND == "cell" or self.pooled_head.dense is None:
+            return self.MASK_KIND
+        if masks is None:
+            grid = self.grid_shape()
+            if None in grid:
+                return self.MASK_KIND
+            masks = self.device_masks(grid)[0]
+        return "dense" if P.one_channel(masks) is not None else "channel"
+
+    def scoring_function(self, target, kind: str | None = None) -> B.Compiled:
+        """The compiled scoring of rows on :attr:`path` for ``target``'s kind (and on the
+        pooled path, :meth:`pooled_kind`'s ``kind``), shared by every explainer on this model
+        and layer that perturbs the same way."""
         path, split, perturb = self.path, self.split, type(self).perturb
+        per_image = self.per_image_masks
         if path == "pooled":
-            perturb = P.channel_moved if self.MASK_KIND == "channel" else P.cell_moved
-        per_image = self.MASK_KIND == "cell" if path == "pooled" else self.per_image_masks
+            kind = kind or self.pooled_kind()
+            perturb = {"channel": P.channel_moved, "cell": P.cell_moved,
+                       "dense": P.dense_moved}[kind]
+            per_image = kind == "cell"
         key = ("rows", path, perturb.__qualname__, per_image, target.key)
         fuse = self.fuse and path in ("pooled", "head")
         pooled_head = self.pooled_head
@@ -226,26 +246,33 @@ class PerturbationExplainer(Explainer):
             raise ValueError("features must come from an explainer on this model and layer")
         target = T.resolve(targets, features.count, self.split)
         params = self.target_params(target, features.scores, features.count)
-        given = None if masks is None else B.tensor(checked_masks(masks))
         return B.numpy(self.score_all(features.images, features.activation, features.bypass,
-                                      target, params, given))
+                                      target, params, masks))
 
     def score_all(self, images, activation, bypass, target, params, masks=None):
-        """(B, N) scores of every row on the device; ``masks`` None: :meth:`row_masks`."""
-        per_image = self.per_image_masks
+        """(B, N) scores of every row on the device; ``masks``: NumPy masks (N, ...) instead
+        of :meth:`row_masks`."""
         if masks is None:
-            masks, per_image = self.row_masks(images, activation)
-        path, count = self.path, ops.shape(activation)[0]
-        n = ops.shape(masks)[0] // (count if per_image else 1)
+            device, per_image = self.row_masks(images, activation)
+            source = images if self.APPLIES_TO == "input" else activation
+            host = None if per_image else self.device_masks(ops.shape(source)[1:])[0]
+        else:
+            host, per_image = checked_masks(masks), False
+            device = B.tensor(host)
+        path, count, kind = self.path, ops.shape(activation)[0], self.pooled_kind(host)
+        n = ops.shape(device)[0] // (count if per_image else 1)
         args = self.perturb_args(images, activation)
         source = images if path in ("full", "input") else activation
-        if path == "pooled":
+        if kind is not None:
             source = ops.mean(activation, axis=(1, 2))
-            if self.MASK_KIND == "cell":
-                masks = P.cell_shifts(activation, masks, *args)
+            if kind == "cell":
+                device = P.cell_shifts(activation, device, *args)
+            elif kind == "dense":  # rows of [p, p W + b] and each mask's channel
+                device = B.tensor(P.one_channel(host))
+                source = ops.concatenate([source, self.pooled_head.dense_outputs(source)], 1)
         PATHS[path] += 1
-        return score_rows(self.scoring_function(target), count, n, self.batch_size, source,
-                          list(bypass), masks, args, params, desc=self.name)
+        return score_rows(self.scoring_function(target, kind), count, n, self.batch_size,
+                          source, list(bypass), device, args, params, desc=self.name)
 
     def raw_maps(self, images, activation, bypass, target, params, scores):
         return self.raw_maps_and_sensitivity(images, activation, bypass, target, params,
@@ -328,6 +355,10 @@ def _score(split, pooled_head, path, perturb, per_image, target, source, bypass,
         outputs = split.full(perturb(rows, mask, *args))
     elif path == "full":
         outputs = split.full(rows, replace=lambda t: perturb(t, mask, *args))
+    elif perturb is P.dense_moved:  # the pooled path, a Dense layer's output moved
+        moved = perturb(rows, mask, *args, pooled_head.dense.operation.kernel)
+        outputs = pooled_head.scores(moved, [ops.take(b, image, axis=0) for b in bypass],
+                                     after_dense=True)
     else:
         rows_bypass = [ops.take(b, image, axis=0) for b in bypass]
         moved = perturb(rows, mask, *args)
