@@ -57,6 +57,9 @@ class GradientExplainer(Explainer):
 
     def raw_maps_and_sensitivity(self, images, activation, bypass, target, params, scores):
         """The maps and each image's largest |dy/dA| (0: the score ignores the layer)."""
+        if type(self).raw_maps is not GradientExplainer.raw_maps:  # a method's own raw_maps says nothing
+            return super().raw_maps_and_sensitivity(images, activation, bypass, target,
+                                                    params, scores)
         rows = min(self.rows_per_call("head" if self.mode == "head" else "full", backward=True),
                    ops.shape(activation)[0])
         gradients = self.gradient_function(target)

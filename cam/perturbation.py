@@ -282,6 +282,9 @@ class PerturbationExplainer(Explainer):
         """The maps and, for masks of the layer's activation, each image's largest score
         drop |y - y_perturbed| beyond float32 rounding of y (0: no perturbation of the
         layer moves the score); None for masks of the input."""
+        if type(self).raw_maps is not PerturbationExplainer.raw_maps:  # a method's own raw_maps says nothing
+            return super().raw_maps_and_sensitivity(images, activation, bypass, target,
+                                                    params, scores)
         masks, _ = self.row_masks(images, activation)
         perturbed = self.score_all(images, activation, bypass, target, params)
         maps = self.combine(activation, scores, perturbed, masks)

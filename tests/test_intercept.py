@@ -317,3 +317,25 @@ def test_the_explorer_starts_at_the_last_head_only_layer(encoder_model, net):
     rows, start = explainable_rows(cam.layer_table(encoder_model), "with_encoder")
     assert start == "encoder" and rows[-1]["layer"] == "encoder/blocks/2"
     assert explainable_rows(cam.layer_table(net), "net")[1] == "r2"
+
+
+def test_a_method_with_its_own_raw_maps_keeps_it(net):
+    """A method that overrides raw_maps on a template: its maps are used (and it says nothing
+    about sensitivity, so it never warns)."""
+
+    class Flat(cam.GradientExplainer):
+        name = "flat"
+
+        def raw_maps(self, images, activation, bypass, target, params, scores):
+            return keras.ops.ones(keras.ops.shape(activation)[:3])
+
+    class FlatDrops(cam.AblationExplainer):
+        name = "flat drops"
+
+        def raw_maps(self, images, activation, bypass, target, params, scores):
+            return keras.ops.zeros(keras.ops.shape(activation)[:3])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cam.ZeroMapWarning)
+        assert np.all(raw(Flat(net, "c2"), images()) == 1)
+        assert np.all(raw(FlatDrops(net, "c2"), images()) == 0)
