@@ -122,7 +122,11 @@ class Explainer:
         self.score = score
         # Compiled once per model and layer (cam.backend: tf.function, jax.jit or torch.no_grad)
         # and shared by every explainer there.
-        self._trunk = self.shared_compiled("trunk", lambda: self.split.trunk, part="trunk")
+        if self.split.head_only:
+            self._trunk = self.shared_compiled("trunk", lambda: self.split.trunk, part="trunk")
+        else:  # a layer only a call reaches: one pass gives its output and the model's scores
+            self._trunk = self.shared_compiled("trunk and outputs",
+                                               lambda: self.split.trunk_and_outputs)
         self._head = self.shared_compiled("head", lambda: self.split.head, part="head")
         self._full = self.shared_compiled("full", lambda: self.split.full)
 
@@ -315,8 +319,12 @@ class Explainer:
         """The trunk on a batch of images (a backend tensor), in calls that fit the memory
         budget: (target activation, bypass tensors, model scores), all on the device. In
         full mode the scores come from the whole network (the oracle shares nothing with the
-        split but the target activation)."""
+        split but the target activation). For a layer only a call reaches, one pass of the
+        whole model gives both the activation and the scores."""
         rows = min(self.rows_per_call("trunk"), ops.shape(images)[0])
+        if not self.split.head_only:  # InterceptedSplit: no bypass, the scores come along
+            activation, scores = chunked(self._trunk, rows, images)
+            return activation, [], scores
         activation, bypass = chunked(self._trunk, rows, images)
         if self.mode == "full":
             scores = chunked(self._full, min(self.rows_per_call("full"), rows), images)

@@ -374,16 +374,20 @@ class InterceptedSplit:
     def trunk(self, images) -> tuple[Any, list]:
         """The target activation (its grid, for a token layer) for a batch of images; no
         bypass tensors. The model runs as far as the compiled function needs it."""
+        return self.trunk_and_outputs(images)[0], []
+
+    def trunk_and_outputs(self, images) -> tuple[Any, Any]:
+        """The target activation (its grid, for a token layer) and the model's outputs, from
+        one pass of the model (:meth:`cam.Explainer.forward` for this split)."""
         kept = []
 
         def keep(output):
             kept.append(output)
             return output
 
-        self._run(images, keep)
-        if self.tokens is None:
-            return kept[0], []
-        return self.tokens.to_grid(kept[0])[0], []
+        outputs = self._run(images, keep)
+        activation = kept[0] if self.tokens is None else self.tokens.to_grid(kept[0])[0]
+        return activation, outputs
 
     def head(self, activation, bypass) -> Any:
         raise ValueError(f"layer {self.layer!r} is reached only inside a call, so there is no "
