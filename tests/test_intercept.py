@@ -341,3 +341,54 @@ def test_a_method_with_its_own_raw_maps_keeps_it(net):
         warnings.simplefilter("error", cam.ZeroMapWarning)
         assert np.all(raw(Flat(net, "c2"), images()) == 1)
         assert np.all(raw(FlatDrops(net, "c2"), images()) == 0)
+
+
+# --------------------------------------------------------------------------- KerasHub
+
+
+@pytest.fixture(scope="module")
+def hub_vit():
+    """KerasHub's ViT classifier built from a config (no weights): its transformer blocks
+    live inside the vit_encoder layer, where only its call reaches them."""
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(9)
+    backbone = keras_hub.models.ViTBackbone(image_shape=(16, 16, 3), patch_size=4,
+                                            num_layers=2, num_heads=2, hidden_dim=8,
+                                            mlp_dim=16)
+    model = keras_hub.models.ViTImageClassifier(backbone=backbone, num_classes=3,
+                                                preprocessor=None)
+    model(np.zeros((1, 16, 16, 3), np.float32))
+    return model
+
+
+def test_kerashub_vit_blocks_are_intercepted_exactly(hub_vit):
+    """Intercepting vit_encoder (which the graph also reaches) gives the graph split's
+    activation, and replacing it gives the graph head's scores: interception is exact."""
+    encoder = hub_vit.backbone.get_layer("vit_encoder")
+    graph, intercepted = cam.Split(hub_vit, "vit_encoder"), InterceptedSplit(hub_vit, encoder)
+    x = random_images((16, 16, 3), 2)
+    activation, bypass = graph.trunk(x)
+    np.testing.assert_allclose(cam.backend.numpy(intercepted.trunk(x)[0]),
+                               cam.backend.numpy(activation), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cam.backend.numpy(intercepted.full(x, lambda a: a * 0.5)),
+                               cam.backend.numpy(graph.head(activation * 0.5, bypass)),
+                               rtol=1e-5, atol=1e-6)
+    block = encoder.encoder_layers[0]
+    explainer = cam.FastAblationCAM(hub_vit, block)
+    assert explainer.layer.endswith("vit_encoder/encoder_layers/0")
+    assert explainer.split.target_shape == (4, 4, 8) and explainer.mode == "full"
+    names = cam.GradCAM(hub_vit, f"{hub_vit.backbone.name}/vit_encoder/{block.name}")
+    assert names.layer == explainer.layer  # a path of layer names names it too
+
+
+def test_kerashub_vit_last_block_warns_and_an_earlier_one_does_not(hub_vit):
+    """The classifier reads only the class token: after the last block's attention the
+    patch tokens cannot move the score."""
+    encoder = hub_vit.backbone.get_layer("vit_encoder")
+    x = random_images((16, 16, 3), 2)
+    for method in (cam.GradCAM, cam.FastAblationCAM):
+        with pytest.warns(cam.ZeroMapWarning):
+            method(hub_vit, encoder.encoder_layers[-1]).explain(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", cam.ZeroMapWarning)
+            method(hub_vit, encoder.encoder_layers[0]).explain(x)
