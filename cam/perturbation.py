@@ -106,6 +106,7 @@ class PerturbationExplainer(Explainer):
         #: Rows (perturbed copies) per compiled call at most.
         self.batch_size = batch_size or batching.rows_per_call(self.bytes_per_row())
         self._device_masks: dict = {}
+        self._channels: dict = {}  # id of masks kept in _device_masks -> mask_channels
 
     # -- what a method says -------------------------------------------------------------
 
@@ -214,7 +215,19 @@ class PerturbationExplainer(Explainer):
             if None in grid:
                 return self.MASK_KIND
             masks = self.device_masks(grid)[0]
-        return "dense" if P.one_channel(masks) is not None else "channel"
+        return "dense" if self.mask_channels(masks) is not None else "channel"
+
+    def mask_channels(self, masks: np.ndarray):
+        """The channel each mask ablates, on the device, where every mask ablates exactly one
+        (:func:`cam.pooled.one_channel`), else None; kept for this method's own masks."""
+        own = any(masks is kept for kept, _ in self._device_masks.values())
+        if own and id(masks) in self._channels:
+            return self._channels[id(masks)]
+        index = P.one_channel(masks)
+        channels = None if index is None else B.tensor(index)
+        if own:
+            self._channels[id(masks)] = channels
+        return channels
 
     def scoring_function(self, target, kind: str | None = None) -> B.Compiled:
         """The compiled scoring of rows on :attr:`path` for ``target``'s kind (and on the
@@ -267,9 +280,9 @@ class PerturbationExplainer(Explainer):
             source = ops.mean(activation, axis=(1, 2))
             if kind == "cell":
                 device = P.cell_shifts(activation, device, *args)
-            elif kind == "dense":  # rows of [p, p W + b] and each mask's channel
-                device = B.tensor(P.one_channel(host))
-                source = ops.concatenate([source, self.pooled_head.dense_outputs(source)], 1)
+            elif kind == "dense":  # each mask's channel; p W + b once per image
+                device = self.mask_channels(host)
+                args = (*args, self.pooled_head.dense_outputs(source))
         PATHS[path] += 1
         return score_rows(self.scoring_function(target, kind), count, n, self.batch_size,
                           source, list(bypass), device, args, params, desc=self.name)
@@ -353,15 +366,18 @@ def _score(split, pooled_head, path, perturb, per_image, target, source, bypass,
     image = ops.minimum(index // n, count - 1)
     mask = ops.take(masks, ops.minimum(index, count * n - 1) if per_image else index % n,
                     axis=0)
+    if perturb is P.dense_moved:  # the pooled path, a Dense layer's output moved
+        value, dense_outputs = args
+        moved = perturb(source, dense_outputs, image, mask, value,
+                        pooled_head.dense.operation.kernel)
+        outputs = pooled_head.scores(moved, [ops.take(b, image, axis=0) for b in bypass],
+                                     after_dense=True)
+        return target.score(outputs, per_row(params, image))
     rows = ops.take(source, image, axis=0)
     if path == "input":
         outputs = split.full(perturb(rows, mask, *args))
     elif path == "full":
         outputs = split.full(rows, replace=lambda t: perturb(t, mask, *args))
-    elif perturb is P.dense_moved:  # the pooled path, a Dense layer's output moved
-        moved = perturb(rows, mask, *args, pooled_head.dense.operation.kernel)
-        outputs = pooled_head.scores(moved, [ops.take(b, image, axis=0) for b in bypass],
-                                     after_dense=True)
     else:
         rows_bypass = [ops.take(b, image, axis=0) for b in bypass]
         moved = perturb(rows, mask, *args)

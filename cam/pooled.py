@@ -15,8 +15,9 @@ rows of moved vectors, which are tiny next to the feature map.
 Where a Dense layer reads the pooled vector (through inference-time identities: Dropout) and
 every mask ablates one channel k (Ablation-CAM), that layer's output moves by one row of its
 kernel: x W + b becomes z + (v - p_k) W_k with z = p W + b computed once per image, so the
-C ablations of an image cost C D for the Dense layer instead of C^2 D; the layer's
-activation and the rest of the head run per row.
+C ablations of an image cost C D for the Dense layer instead of C^2 D, and a row gathers
+D + 1 numbers, not the C of a pooled vector; the layer's activation and the rest of the head
+run per row.
 
 :mod:`cam.perturbation` takes this path when the explainer's own mask kind (decided in
 Python, never from traced shapes) is "channel" or "cell" and :func:`find` recognises the head.
@@ -154,11 +155,13 @@ def one_channel(masks) -> "np.ndarray | None":
     return flat.argmax(axis=1).astype(np.int32)
 
 
-def dense_moved(rows, channels, value, kernel):
-    """Rows of [p, z] (R, C + D), p the pooled vector and z = p W + b, moved by ablating
-    channel ``channels`` (R,) to ``value``: z + (v - p_k) W_k, (R, D)."""
-    c = ops.shape(kernel)[0]
-    p, z = rows[:, :c], rows[:, c:]
-    p_k = ops.take_along_axis(p, ops.expand_dims(channels, 1), axis=1)
-    return z + (ops.cast(value, p.dtype) - p_k) * ops.take(ops.cast(kernel, p.dtype), channels,
-                                                        axis=0)
+def dense_moved(pooled, dense_outputs, image, channels, value, kernel):
+    """The :attr:`PooledHead.dense` layer's outputs before its activation, (R, D), for rows
+    that ablate channel ``channels`` (R,) of image ``image`` (R,) to ``value``:
+    z + (v - p_k) W_k, from each image's pooled vector p (k, C) and z = p W + b (k, D).
+    Only a scalar and two rows of width D are gathered per row."""
+    c = ops.shape(pooled)[1]
+    p_k = ops.take(ops.reshape(pooled, (-1,)), image * c + channels, axis=0)
+    moved = ops.cast(value, pooled.dtype) - p_k
+    return ops.take(dense_outputs, image, axis=0) + ops.expand_dims(moved, 1) * ops.take(
+        ops.cast(kernel, pooled.dtype), channels, axis=0)
