@@ -330,11 +330,10 @@ def _explain(args) -> int:
     method = method_class(key)
     options = parse_settings(method, key, args.settings, args.window)
     model = _load_model(args.model, args.imports)
-    shape = model.input_shape
-    if isinstance(shape, list) or len(shape) != 4 or None in shape[1:]:
-        raise ValueError(f"the model's input shape is {shape}; the command line needs a fixed "
-                         f"(batch, height, width, channels) input")
-    _, height, width, channels = shape
+    from .intercept import model_input_shape
+
+    # a subclassed model has no input_shape of its own; the shape it was built with serves
+    _, height, width, channels = model_input_shape(model)
     images = np.stack([_read_image(p, height, width, channels) for p in args.images])
     layer = int(args.layer) if args.layer is not None and args.layer.lstrip("-").isdigit() \
         else args.layer

@@ -250,3 +250,62 @@ def test_parse_target_takes_the_built_ins(tmp_path):
                         ("region:1:nope.npy", "does not exist")):
         with pytest.raises(ValueError, match=phrase):
             cli.parse_target(bad)
+
+
+#: A subclassed model a user might save: its layers are reached only through its call.
+SUBCLASSED = '''
+import keras
+from keras import layers
+
+
+@keras.saving.register_keras_serializable(package="toy_subclassed_net")
+class Net(keras.Model):
+    def __init__(self, classes=3, **kwargs):
+        super().__init__(**kwargs)
+        self.classes = classes
+        self.c1 = layers.Conv2D(4, 3, padding="same", activation="relu")
+        self.c2 = layers.Conv2D(6, 3, strides=2, padding="same", activation="relu")
+        self.pool = layers.GlobalAveragePooling2D()
+        self.out = layers.Dense(classes)
+
+    def call(self, x):
+        return self.out(self.pool(self.c2(self.c1(x))))
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes}
+'''
+
+
+def test_a_saved_subclassed_model_is_listed_and_explained(tmp_path, monkeypatch, capsys):
+    import importlib
+
+    import cam
+
+    (tmp_path / "toy_subclassed_net.py").write_text(SUBCLASSED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        net = importlib.import_module("toy_subclassed_net").Net()
+        net(np.zeros((1, 12, 12, 3), np.float32))
+        net.save(tmp_path / "net.keras")
+        image = np.random.default_rng(1).integers(0, 256, (12, 12, 3)).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "img.png")
+        imports = ["--import", "toy_subclassed_net"]
+
+        assert cli.main(["layers", str(tmp_path / "net.keras"), *imports]) == 0
+        rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+        assert set(rows) == {"c1", "c2"}
+        assert all("intercepted: whole model per evaluation" in row for row in rows.values())
+
+        out = tmp_path / "maps"
+        for method in ("gradcam", "ablationcam"):
+            assert cli.main(["explain", str(tmp_path / "net.keras"), str(tmp_path / "img.png"),
+                             "--method", method, "--layer", "c2", "--out", str(out),
+                             *imports]) == 0
+            assert "at layer 'c2' on a 6x6 grid" in capsys.readouterr().out
+            # the same map as the library explaining the model in this process
+            expected = cam.method_class(method)(net, "c2")(
+                image[None].astype(np.float32), normalize=False, upsample=False)[0]
+            np.testing.assert_allclose(np.load(out / f"img-{method}.npy"), expected,
+                                       rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    finally:
+        sys.modules.pop("toy_subclassed_net", None)
