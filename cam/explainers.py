@@ -27,7 +27,8 @@ and is kept as the oracle the tests compare against and the baseline the benchma
 
 Token layers (batch, tokens, C) of a Vision Transformer are explained on their patch grid
 (``reshape=None`` finds a square grid, after a class token if there is one; pass
-``reshape=(h, w)`` or a :class:`cam.TokenGrid` for other layouts).
+``reshape=n`` for n special tokens before a square grid, ``reshape=(h, w)`` or a
+:class:`cam.TokenGrid` for other layouts).
 """
 
 from __future__ import annotations

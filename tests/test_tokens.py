@@ -70,11 +70,42 @@ def test_token_grid_infer(tokens, reshape, expected):
     (18, None, "18 tokens, which is neither a square grid"),
     (15, (4, 4), r"reshape=\(4, 4\) needs 16 tokens but .* outputs 15"),
     (17, TokenGrid(4, 4), "covers 16 tokens but .* outputs 17"),
-    (17, 4, "reshape must be None, \\(height, width\\) or a cam.TokenGrid"),
+    (17, 4.0, "reshape must be None, \\(height, width\\), a number of special tokens or a "
+              "cam.TokenGrid"),
+    (17, True, "reshape must be None"),  # a bool is not a count
 ])
 def test_token_grid_errors(tokens, reshape, message):
     with pytest.raises(ValueError, match=message):
         TokenGrid.infer(tokens, reshape)
+
+
+@pytest.mark.parametrize("tokens, special, expected", [
+    (18, 2, TokenGrid(4, 4, 2)),  # DeiT: a class and a distillation token, then 4x4
+    (16, 0, TokenGrid(4, 4, 0)),  # no special tokens: the grid alone
+    (21, 5, TokenGrid(4, 4, 5)),  # DINOv2 with 4 registers after its class token: 1 + 4
+    (13, 4, TokenGrid(3, 3, 4)),
+])
+def test_a_count_of_special_tokens_comes_first(tokens, special, expected):
+    assert TokenGrid.infer(tokens, special) == expected
+    assert TokenGrid.infer(tokens, np.int64(special)) == expected  # a NumPy int counts too
+
+
+@pytest.mark.parametrize("tokens, special, message", [
+    # 18 - 1 = 17 is not a square; 18 - 2 = 16 (4x4) and 18 - 9 = 9 (3x3) are
+    (18, 1, r"reshape=1 special tokens: layer 'x' outputs 18 tokens, and the other 17 tokens "
+            r"are not a square grid \(g\*g\); valid counts: 2 \(a 4x4 grid\), 9 \(a 3x3 "
+            r"grid\)"),
+    # 17 - 17 = 0 tokens left: an empty grid
+    (17, 17, r"that leaves 0 patch tokens, too few for a grid of 2x2 or more; valid counts: "
+             r"1 \(a 4x4 grid\), 8 \(a 3x3 grid\), 13 \(a 2x2 grid\)"),
+    (17, 20, "that leaves 0 patch tokens"),  # more special tokens than tokens
+    (17, 14, "that leaves 3 patch tokens"),  # a 1x1 grid or less is no grid
+    (5, -1, r"cannot be negative; valid counts: 1 \(a 2x2 grid\)"),
+    (3, 0, "no count leaves a square grid of 2x2 or more"),
+])
+def test_a_count_that_leaves_no_square_grid_says_which_would(tokens, special, message):
+    with pytest.raises(ValueError, match=message):
+        TokenGrid.infer(tokens, special, "layer 'x'")
 
 
 def test_token_grid_round_trip_by_hand():
