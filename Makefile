@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(BACKEND_PKGS)
-	$(PY) -m pip install --quiet -e '.[study,test,hub,notebooks,peer,jax,torch]'
+	$(PY) -m pip install --quiet -e '.[study,test,hub,notebooks,peer,jax,torch,bulk,ray]'
 	@# KerasHub without its dependencies: they pin tensorflow-text, which would replace this
 	@# project's TensorFlow (the hub extra holds what its import needs)
 	$(PY) -m pip install --quiet --no-deps $(KERAS_HUB)

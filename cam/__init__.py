@@ -8,8 +8,10 @@
     print(cam.layer_table(model))       # the same as a table: index, name, shape, head-only
     cam.GradCAM(vit, "block1_norm1")    # ViT token layers (batch, tokens, D) work too
     cam.GradCAM(net, "encoder/blocks/3")  # a layer only a subclassed model's call reaches
+    cam.bulk("model.keras", "images/", "out/", layer="relu")  # a whole folder to Parquet
 
-From a shell: ``python -m cam layers MODEL.keras``, ``python -m cam explain MODEL.keras IMG``.
+From a shell: ``python -m cam layers MODEL.keras``, ``python -m cam explain MODEL.keras IMG``,
+``python -m cam bulk MODEL.keras IMAGES/ --out DIR``.
 
 Names are loaded on first use: ``import cam`` does not import Keras or its backend, so the
 command line answers ``--help`` and argument errors at once.
@@ -76,6 +78,7 @@ _EXPORTS = {
     "release": "cache",
     "Features": "explainers",
     "targets": None,
+    "bulk": None,  # a module you can call: cam.bulk(model, inputs, out, ...)
     "allow_tf32": "backend",
     "Quantile": "maps",
     "Split": "graph",

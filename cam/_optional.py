@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 
 #: module -> the extra of this package that installs it
-EXTRAS = {"matplotlib": "plot", "scipy": "metrics", "ipywidgets": "widgets"}
+EXTRAS = {"matplotlib": "plot", "scipy": "metrics", "ipywidgets": "widgets", "pyarrow": "bulk",
+          "ray": "ray"}
 
 
 def require(module: str, feature: str):

@@ -130,7 +130,91 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", default="cam-maps", help="output folder (default cam-maps)")
     explain.add_argument("--import", dest="imports", action="append", default=[],
                          metavar="MODULE", help=IMPORT_HELP)
+    _bulk_parser(commands)
     return parser
+
+
+def _bulk_parser(commands) -> None:
+    bulk = commands.add_parser(
+        "bulk", help="explain a whole folder or archive into a Parquet dataset",
+        description="Explain every image of INPUT with one or more methods at one layer into "
+                    "OUT/maps (Parquet, one row per image and method: path, sha256, size, "
+                    "predicted class and score, target, method, layer, the raw map on the "
+                    "layer's grid, its min and max, time), the images that cannot be explained "
+                    "into OUT/errors.parquet with the reason, and OUT/manifest.json. A rerun "
+                    "skips the images already done. Exit status: 0 every image explained (or "
+                    "already done), 1 some images failed (see errors.parquet), 2 bad arguments "
+                    "or a failure of the run itself.")
+    bulk.add_argument("model", help="a Keras model saved as .keras (loaded in safe mode), or "
+                                    "module:function returning one")
+    bulk.add_argument("input", help="a folder (recursive), a glob (quoted), a text file of "
+                                    "paths (one a line) or a .tar/.zip archive")
+    bulk.add_argument("--layer", default=None,
+                      help="layer name, or index from `python -m cam layers` (default: the "
+                           "candidate nearest the output)")
+    bulk.add_argument("--method", default="fastablationcam",
+                      help=f"one or more, comma-separated, of {', '.join(METHODS)} (default "
+                           f"fastablationcam); they share one trunk pass per batch")
+    bulk.add_argument("--out", required=True, help="output folder")
+    bulk.add_argument("--target", default=None,
+                      help="what to explain, as `python -m cam explain --target` takes it "
+                           "(default: each image's predicted class)")
+    bulk.add_argument("--score", default="logit", choices=("logit", "probability"),
+                      help="explain the logit (default) or the softmax probability")
+    bulk.add_argument("--set", dest="settings", action="append", default=[],
+                      metavar="[METHOD.]NAME=VALUE",
+                      help="a setting of the methods that declare it, or of METHOD only "
+                           "(repeatable; `python -m cam methods` lists them)")
+    bulk.add_argument("--preprocess", default="square",
+                      help="square (default; what `python -m cam explain` does: RGB, "
+                           "padded to a square with its border colour, resized to the model's "
+                           "input, gray for a one-channel model, raw 0-255 pixels) or "
+                           "module:function taking (rgb uint8 (h, w, 3), height, width, "
+                           "channels) and returning the model's input")
+    bulk.add_argument("--batch-size", type=int, default=None,
+                      help="images per batch (default: what one trunk call fits in the memory "
+                           "budget, CAM_MEMORY_BUDGET, at most 256)")
+    bulk.add_argument("--workers", type=int, default=None,
+                      help="decoding threads (local engine; default: the CPU count, at most 8) "
+                           "or the CPUs a local Ray starts with (ray engine)")
+    bulk.add_argument("--overlays", action="store_true",
+                      help="also write OUT/overlays/PATH-METHOD.png, the map over the image")
+    bulk.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (0.5)")
+    bulk.add_argument("--engine", default="local", choices=("local", "ray"),
+                      help="local (default: one process) or ray (Ray Data; pip install "
+                           "'cam[ray]')")
+    bulk.add_argument("--address", default=None,
+                      help="ray engine: the cluster to join (e.g. auto, or ray://HOST:10001); "
+                           "default: start Ray on this machine")
+    bulk.add_argument("--actors", type=int, default=1,
+                      help="ray engine: explaining actors, each with its own model (default 1)")
+    bulk.add_argument("--gpus-per-actor", type=float, default=0.0,
+                      help="ray engine: GPUs each explaining actor takes (default 0)")
+    bulk.add_argument("--overwrite", action="store_true",
+                      help="start afresh: delete what an earlier run wrote in OUT")
+    bulk.add_argument("--no-progress", dest="progress", action="store_false",
+                      help="no progress bar")
+    bulk.add_argument("--import", dest="imports", action="append", default=[],
+                      metavar="MODULE", help=IMPORT_HELP)
+
+
+def _bulk(args) -> int:
+    from . import bulk
+
+    summary = bulk.bulk(args.model, args.input, args.out, layer=_layer(args.layer),
+                        methods=args.method, settings=args.settings, target=args.target,
+                        score=args.score, preprocess=args.preprocess,
+                        batch_size=args.batch_size, workers=args.workers,
+                        overlays=args.overlays, alpha=args.alpha, engine=args.engine,
+                        address=args.address, num_cpus=args.workers, actors=args.actors,
+                        gpus_per_actor=args.gpus_per_actor, overwrite=args.overwrite,
+                        imports=args.imports, progress=args.progress)
+    print(summary)
+    return summary.exit_code
+
+
+def _layer(text):
+    return int(text) if text is not None and text.lstrip("-").isdigit() else text
 
 
 IMPORT_HELP = ("a Python module to import before loading the model, for models with custom "
@@ -172,23 +256,11 @@ def _load_model(path: str, imports=()):
 
 
 def _read_image(path: str, height: int, width: int, channels: int):
-    import cv2
-
-    from .images import read_rgb, square_resize
+    from .images import fit_to_input, read_rgb
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"image file {path!r} does not exist")
-    image = read_rgb(path)
-    if height == width:
-        image = square_resize(image, height)
-    else:
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    if channels == 1:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
-    elif channels != 3:
-        raise ValueError(f"the model takes {channels}-channel images; the command line reads "
-                         f"RGB or grayscale images only")
-    return image
+    return fit_to_input(read_rgb(path), height, width, channels)
 
 
 def _layers(args) -> int:
@@ -410,7 +482,8 @@ def _read_mask(path: str):
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"layers": _layers, "methods": _methods, "explain": _explain}[args.command](args)
+        return {"layers": _layers, "methods": _methods, "explain": _explain,
+                "bulk": _bulk}[args.command](args)
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0)
     except Exception as err:  # the boundary: one line, no traceback (CAM_TRACEBACK=1 for it)

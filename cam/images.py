@@ -5,6 +5,7 @@ Pillow decodes (so a TIFF named .jpg still reads), OpenCV pads and resizes.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -16,11 +17,13 @@ class ImageError(ValueError):
     """A file that cannot be decoded to an image."""
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image by its content (JPEG, TIFF, PNG ... whatever its name says) to RGB uint8."""
+def read_rgb(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """Decode an image by its content (JPEG, TIFF, PNG ... whatever its name says) to RGB uint8:
+    the file at ``path``, or its bytes ``data`` already read (``path`` then names it in errors:
+    an archive member, say)."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16-bit greyscale: scale to 8 bits (Pillow's RGB conversion would clip it)
@@ -29,7 +32,9 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 array = np.repeat(gray[..., None], 3, axis=-1)
             else:
                 array = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except UnidentifiedImageError as err:  # its message names a BytesIO for bytes: say it plainly
+        raise ImageError(f"cannot decode {path}: not an image format Pillow reads") from err
+    except (OSError, SyntaxError) as err:
         raise ImageError(f"cannot decode {path}: {err}") from err
     if array.size == 0 or min(array.shape[:2]) < 2:
         raise ImageError(f"{path} decodes to an empty image of shape {array.shape}")
@@ -52,3 +57,20 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     )
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(padded, (size, size), interpolation=interpolation)
+
+
+def fit_to_input(image: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
+    """An RGB uint8 image made the model's input (``python -m cam explain``'s preprocessing):
+    padded to a square with its border colour and resized for a square input (a plain resize
+    otherwise), gray for a one-channel model, raw 0-255 pixels (the project's models rescale
+    inside the model)."""
+    if height == width:
+        image = square_resize(image, height)
+    else:
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    if channels == 1:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+    if channels != 3:
+        raise ValueError(f"the model takes {channels}-channel images; the command line reads "
+                         f"RGB or grayscale images only")
+    return image
