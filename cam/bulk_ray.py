@@ -75,10 +75,20 @@ def _decode(batch: dict, *, methods, done, preprocess, input_shape) -> dict:
 class _Explain:
     """An explaining actor: the model and its explainers, built once."""
 
-    def __init__(self, model, model_bytes, imports, layer, chosen, score, target, target_text):
+    def __init__(self, model, model_bytes, imports, layer, chosen, score, target, target_text,
+                 backend):
+        # The driver's backend, whatever this worker's environment says: set before the
+        # actor's process imports Keras (no runtime environment to set it, so Ray can use a
+        # worker it has already started).
+        os.environ["KERAS_BACKEND"] = backend
         from .cli import _import_backend, _import_modules
 
         _import_backend()
+        from . import backend as B
+
+        if B.name() != backend:
+            raise RuntimeError(f"this Ray worker had imported Keras with the {B.name()} "
+                               f"backend before; the driver runs {backend}")
         _import_modules(imports)
         if model_bytes is not None:  # a model object from Python: shipped as a .keras archive
             with tempfile.TemporaryDirectory() as folder:
@@ -140,7 +150,6 @@ def run(*, model, layer, chosen, score, target, target_text, imports, address, n
     if actors < 1 or gpus_per_actor < 0:
         raise ValueError(f"actors must be >= 1 and gpus_per_actor >= 0, got {actors} and "
                          f"{gpus_per_actor}")
-    env = {"env_vars": {"KERAS_BACKEND": B.name(), "TF_CPP_MIN_LOG_LEVEL": "3"}}
     temporary = None
     started = not ray.is_initialized()
     if started and address:
@@ -157,18 +166,19 @@ def run(*, model, layer, chosen, score, target, target_text, imports, address, n
         items = [{"name": s.name, "file": os.path.abspath(s.file), "member": s.member or ""} for s in sources]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch)))
         dataset = dataset.map_batches(
-            _decode, batch_size=batch, batch_format="numpy", num_cpus=1, runtime_env=env,
+            _decode, batch_size=batch, batch_format="numpy", num_cpus=1,
             fn_kwargs=dict(methods=methods, done=done, preprocess=preprocess,
                            input_shape=input_shape))
         is_path = isinstance(model, (str, os.PathLike))
         dataset = dataset.map_batches(
             _Explain, batch_size=batch, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-            num_gpus=gpus_per_actor or None, runtime_env=env,
+            num_gpus=gpus_per_actor or None,
             fn_constructor_kwargs=dict(model=str(model) if is_path else None,
                                        model_bytes=None if is_path else _model_bytes(model),
                                        imports=imports, layer=layer, chosen=chosen,
-                                       score=score, target=target, target_text=target_text))
+                                       score=score, target=target, target_text=target_text,
+                                       backend=B.name()))
         dataset.write_parquet(str(staging))
     finally:
         if started:

@@ -4,6 +4,7 @@
     python -m cam methods
     python -m cam explain MODEL.keras IMAGE... --method gradcam --layer relu --out DIR
     python -m cam explain MODEL.keras IMAGE... --method fastablationcam --set window=2
+    python -m cam bulk MODEL.keras FOLDER --layer relu --method gradcam,fastablationcam --out DIR
 
 A method's settings (``--set NAME=VALUE``) are the ones it declares (``SETTINGS``, listed by
 ``python -m cam methods``), so a method added with :func:`cam.register_method` in a module

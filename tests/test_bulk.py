@@ -207,13 +207,13 @@ def test_a_killed_run_resumes_to_the_rows_of_an_uninterrupted_one(files, tmp_pat
         (good / name.replace("/", "-")).write_bytes((files / "images" / name).read_bytes())
     args = dict(layer="relu", methods=METHODS, batch_size=2, progress=False)
     killed = tmp_path / "killed"
-    # CAM_BULK_TEST_PAUSE: the run pauses 2 s after each batch of 2, so it is still running
+    # CAM_BULK_TEST_PAUSE: the run pauses 1 s after each batch of 2, so it is still running
     # when its first shard appears
     process = subprocess.Popen(
         [sys.executable, "-m", "cam", "bulk", str(files / "model.keras"), str(good),
          "--layer", "relu", "--method", ",".join(METHODS), "--out", str(killed),
          "--batch-size", "2", "--no-progress"],
-        env={**os.environ, "CAM_BULK_TEST_PAUSE": "2", "KERAS_BACKEND": "tensorflow"},
+        env={**os.environ, "CAM_BULK_TEST_PAUSE": "1", "KERAS_BACKEND": "tensorflow"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not list((killed / "maps").glob("part-*.parquet")) and process.poll() is None \
