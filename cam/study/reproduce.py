@@ -96,6 +96,13 @@ KERNEL_ARGUMENTS = [
 ]
 
 
+#: Notebook 09 (the atlas) in CI: two images of each class (46 on POLEN23E) in one batch (a
+#: second batch size would trace every explainer again), two images in each figure.
+SMALL_NOTEBOOK.update({
+    (name, "09"): {"images_per_class": 2, "batch_size": 64, "most_disagreeing": 2,
+                   "max_misclassified": 2} for name in ("polen23e", "synthetic")})
+
+
 def notebooks(dataset: str, only=()) -> list[Path]:
     """The notebooks to run in order: 01-... always, A01-... (appendix) on the synthetic data."""
     found = sorted(paths.NOTEBOOKS_DIR.glob("0*.ipynb"))
