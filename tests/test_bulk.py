@@ -32,6 +32,7 @@ from cam import cli
 from cam.images import fit_to_input, read_rgb
 
 pq = pytest.importorskip("pyarrow.parquet", reason="cam.bulk writes Parquet: pip install 'cam[bulk]'")
+pa = pytest.importorskip("pyarrow")
 
 METHODS = ("gradcam", "fastablationcam")
 TENSORFLOW_ONLY = pytest.mark.skipif(
@@ -181,7 +182,7 @@ def test_local_engine_writes_every_good_image_and_every_bad_file_with_its_reason
             assert row["seconds"] > 0
 
 
-def test_bad_arguments_fail_before_any_work(files, tmp_path, capsys):
+def test_bad_arguments_fail_before_any_work(files, local_run, tmp_path, capsys):
     model, images, out = str(files / "model.keras"), str(files / "images"), tmp_path / "out"
     cases = [
         (["--method", "gradcam,nosuchcam"], "unknown method 'nosuchcam'; choose one of"),
@@ -194,9 +195,39 @@ def test_bad_arguments_fail_before_any_work(files, tmp_path, capsys):
         assert cli.main(["bulk", model, images, "--out", str(out), *extra]) == 2
         assert message in capsys.readouterr().err
         assert not (out / "maps").exists()
+    _, done = local_run  # another layer into a folder that holds a run: refused, untouched
+    before = sorted(done.rglob("*"))
+    assert cli.main(["bulk", model, images, "--out", str(done), "--layer", "conv2",
+                     "--method", ",".join(METHODS)]) == 2
+    assert "holds a run with other settings (layer: 'relu' there, 'conv2' now)" in \
+        capsys.readouterr().err
+    assert sorted(done.rglob("*")) == before
     assert cli.main(["bulk", model, str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_killed_ray_runs_whole_staged_files_are_committed_and_the_rest_dropped(tmp_path):
+    """What a Ray run killed before its commit left (``OUT/.ray-RUN/``): files that read back
+    whole become shards of ``OUT/maps``, a truncated one is dropped, the folder goes."""
+    from cam.bulk_ray import staged_schema
+
+    staging = tmp_path / ".ray-killed"
+    staging.mkdir(parents=True)
+    row = {name: None for name in staged_schema().names}
+    ok = {**row, "path": "a.png", "sha256": "ab", "method": "gradcam", "map": [1.0, 2.0],
+          "map_height": 1, "map_width": 2, "seconds": 0.5, "status": "ok",
+          "decode_seconds": 0.1}
+    failed = {**row, "path": "b.png", "status": "error", "stage": "decode", "reason": "bad"}
+    table = pa.Table.from_pylist([ok, failed], schema=staged_schema())
+    pq.write_table(table, staging / "0.parquet")
+    (staging / "1.parquet").write_bytes((staging / "0.parquet").read_bytes()[:100])
+    (tmp_path / "maps").mkdir()
+    BULK.salvage(tmp_path)
+    assert not staging.exists()
+    rows = pq.read_table(tmp_path / "maps").to_pylist()
+    assert [(r["path"], r["map"]) for r in rows] == [("a.png", [1.0, 2.0])]
+    assert BULK.completed(tmp_path) == {"ab": {"gradcam"}}
 
 
 @TENSORFLOW_ONLY
