@@ -60,7 +60,8 @@ SMALL = {
 }
 
 
-#: CI overrides for single notebooks on POLEN23E, where every new explainer traces DenseNet-169
+#: CI overrides for single notebooks, keyed by (dataset, the name's number: "04", "A03"). On
+#: POLEN23E, where every new explainer traces DenseNet-169
 #: (seconds each): the speed study at the last layer only, with two windows and two batch
 #: sizes (one extrapolated, one the main table's row); the layer x
 #: window sweep with two windows (window 1 and a larger one still cover every code path; the
@@ -77,7 +78,12 @@ SMALL_NOTEBOOK = {("polen23e", "04"): {"layers": ["relu"], "windows": [1, 2],
                   ("polen23e", "03"): {"costly_images": 2, "scorecam_channels": 4,
                                        "occlusion_window": 112},
                   ("polen23e", "05"): {"road_images": 2, "costly_images": 2, "road_fractions": [0.5],
-                                       "scorecam_channels": 4, "occlusion_window": 112}}
+                                       "scorecam_channels": 4, "occlusion_window": 112},
+                  # The detector appendix at 64 px (a 16x16 grid): 32 scenes, 1 epoch, the
+                  # detections of 2 scenes explained (FastAblationCAM's 256 cells in pairs).
+                  ("synthetic", "A03"): {"scene_size": 64, "train_scenes": 32, "test_scenes": 4,
+                                         "det_epochs": 1, "max_images": 2, "figure_rows": 2,
+                                         "window": 2}}
 
 
 #: How each notebook's kernel starts (ipykernel options), so that an executed copy holds what
@@ -127,7 +133,7 @@ def parameters_for(notebook: Path, dataset: str, out: Path, small: bool) -> dict
     wanted = {"dataset": dataset, "output_dir": paths.relative(out),
               **(SMALL if small else STUDY)[dataset]}
     if small:
-        wanted.update(SMALL_NOTEBOOK.get((dataset, notebook.name[:2]), {}))
+        wanted.update(SMALL_NOTEBOOK.get((dataset, notebook.name.split("-")[0]), {}))
     return {k: v for k, v in wanted.items() if k in declared}
 
 
