@@ -683,6 +683,14 @@ def bulk(model, inputs, out, *, layer=None, methods="fastablationcam", settings=
         raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "ray":
         require("ray.data", "engine='ray'")
+        if overlays:
+            raise ValueError("overlays are drawn by the local engine only; rerun with "
+                             "--engine local --overlays on the same out folder to add them")
+        if not isinstance(actors, int) or actors < 1 or gpus_per_actor < 0:
+            raise ValueError(f"actors must be an int >= 1 and gpus_per_actor >= 0, got "
+                             f"{actors!r} and {gpus_per_actor!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be an int >= 1 or None (the CPU count), got {workers!r}")
     _pyarrow()
     import pyarrow.parquet  # noqa: F401  (a missing pyarrow fails here, before any work)
 

@@ -144,12 +144,6 @@ def run(*, model, layer, chosen, score, target, target_text, imports, address, n
 
     from . import backend as B
 
-    if overlays:
-        raise ValueError("overlays are drawn by the local engine only; rerun with "
-                         "--engine local --overlays on the same out folder to add them")
-    if actors < 1 or gpus_per_actor < 0:
-        raise ValueError(f"actors must be >= 1 and gpus_per_actor >= 0, got {actors} and "
-                         f"{gpus_per_actor}")
     temporary = None
     started = not ray.is_initialized()
     if started and address:

@@ -108,7 +108,7 @@ def local_run(files, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
     code = cli.main(["bulk", str(files / "model.keras"), str(files / "images"), "--layer", "relu",
                      "--method", ",".join(METHODS), "--out", str(out), "--batch-size", "3",
-                     "--no-progress"])
+                     "--overlays", "--no-progress"])
     return code, out
 
 
@@ -160,6 +160,9 @@ def test_local_engine_writes_every_good_image_and_every_bad_file_with_its_reason
                                   "rows": 14, "shards": 3}
     assert manifest["config"]["layer"] == "relu" and list(manifest["methods"]) == list(METHODS)
     assert manifest["backend"] == keras.backend.backend()
+    overlays = sorted(p.relative_to(out / "overlays").as_posix()
+                      for p in (out / "overlays").rglob("*.png"))
+    assert overlays == sorted(f"{n.replace('.', '_')}-{m}.png" for n in GOOD for m in METHODS)
 
     # The rows are the explainers' own raw maps of the same preprocessed images.
     model = keras.saving.load_model(files / "model.keras")
@@ -190,6 +193,7 @@ def test_bad_arguments_fail_before_any_work(files, local_run, tmp_path, capsys):
         (["--set", "window=2", "--method", "gradcam"], "none of the methods has a setting"),
         (["--target", "banana"], "is not a target"),
         (["--preprocess", "nosuchmodule:f"], "cannot import 'nosuchmodule'"),
+        (["--workers", "0"], "workers must be an int >= 1"),
     ]
     for extra, message in cases:
         assert cli.main(["bulk", model, images, "--out", str(out), *extra]) == 2
