@@ -156,12 +156,12 @@ class ClassMaps:
         """One row per class: images, the mean map's peak and total, the mean spread over the
         cells, and where the mean map peaks (row, column of the grid)."""
         k, h, w = self.mean.shape
-        peak = self.mean.reshape(k, -1).argmax(axis=1)
+        mean = self.mean.reshape(k, -1).astype(np.float64)
+        peak = mean.argmax(axis=1)
         return pd.DataFrame({
             "class": self.classes, "images": self.counts,
-            "mean map max": self.mean.reshape(k, -1).max(axis=1),
-            "mean map sum": self.mean.reshape(k, -1).sum(axis=1),
-            "spread (mean cell std)": self.std.reshape(k, -1).mean(axis=1),
+            "mean map max": mean.max(axis=1), "mean map sum": mean.sum(axis=1),
+            "spread (mean cell std)": self.std.reshape(k, -1).astype(np.float64).mean(axis=1),
             "peak row": peak // w, "peak column": peak % w,
         }).set_index("class")
 
