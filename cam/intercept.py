@@ -257,6 +257,18 @@ def call_only_candidates(model) -> list[tuple[str, tuple]]:
             if id(entry.layer) not in in_graph]
 
 
+def on_tensor(output, hook) -> Any:
+    """``hook`` applied to a layer's output tensor: the output itself, or the one tensor of
+    an output structure whose other items are not tensors (a block that returns
+    ``(output, None)``, as DeiT's do for the attention scores not asked for), repacked."""
+    if hasattr(output, "shape"):
+        return hook(output)
+    flat = tree.flatten(output)
+    (index,) = [i for i, item in enumerate(flat) if hasattr(item, "shape")]
+    flat[index] = hook(flat[index])
+    return tree.pack_sequence_as(output, flat)
+
+
 # --------------------------------------------------------------------------- the split
 
 
@@ -419,7 +431,7 @@ class InterceptedSplit:
             if len(calls) > 1:
                 raise ValueError(f"layer {self.layer!r} is called more than once in one pass "
                                  f"of the model (a shared layer); pick a layer called once")
-            return hook(call(*args, **kwargs))
+            return on_tensor(call(*args, **kwargs), hook)
 
         with call_intercepted(self.target_layer, intercept):
             outputs = model(images, training=False)

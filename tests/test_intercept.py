@@ -223,6 +223,45 @@ def test_token_layer_of_a_subclassed_model_is_explained_on_its_patch_grid():
     assert cam.layer_table(model)[-1]["grid"] == "4x4 +1 token"
 
 
+class PairBlock(L.Layer):
+    """A block that returns (output, None), as KerasHub's DeiT blocks do when the attention
+    scores are not asked for."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(4, 3, padding="same", activation="relu", name="pair_conv")
+
+    def call(self, x):
+        return self.conv(x), None
+
+
+class PairNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = PairBlock(name="pair")
+        self.gap = L.GlobalAveragePooling2D()
+        self.head = L.Dense(3, name="logits")
+
+    def call(self, x):
+        y, _ = self.block(x)
+        return self.head(self.gap(y))
+
+
+@pytest.mark.parametrize("key", ["gradcam", "fastablationcam"])
+def test_a_block_returning_its_output_and_none_is_explained_on_its_output(key):
+    """The interception replaces the one tensor of (output, None), and the map equals the
+    same convolution explained head-only in a functional model."""
+    keras.utils.set_random_seed(10)
+    model = built(PairNet(name="pair_net"))
+    inputs = keras.Input(SHAPE)
+    conv = model.block.conv
+    reference = keras.Model(inputs, model.head(model.gap(conv(inputs))))
+    explainer = METHODS[key](model, "block")
+    assert explainer.split.target_shape == (8, 8, 4)
+    assert_rel_close(raw(explainer, images()), raw(METHODS[key](reference, conv.name),
+                                                   images()))
+
+
 # --------------------------------------------------------------------------- errors
 
 
