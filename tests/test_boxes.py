@@ -174,3 +174,27 @@ def test_box_explains_the_detector_through_the_callable_decoder():
         assert head.raw.shape == (2, 8, 8) and np.abs(head.raw).max() > 0
         assert_rel_close(head.raw, full.raw, rtol=1e-4)
         assert (head.target_scores > 0).all() and (head.target_scores <= 1).all()
+
+
+def test_tile_sides_scale_with_the_scene_and_keep_the_minimum():
+    assert boxes.tile_sides(96) == (40, 56)
+    assert boxes.tile_sides(64) == (synthetic.MIN_SIZE, 37)
+
+
+def test_outline_boxes_draws_each_rows_box_on_every_panel():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.patches import Rectangle
+
+    from cam import plot
+
+    images = np.zeros((2, 16, 16, 3), np.float32)
+    maps = {"a": np.ones((2, 16, 16), np.float32), "b": np.ones((2, 16, 16), np.float32)}
+    fig = plot.compare_methods(images, maps)
+    boxes.outline_boxes(fig, [[2, 3, 10, 7], [0, 0, 16, 16]])
+    for k, ax in enumerate(fig.axes):
+        (patch,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+        x, y, w, h = ([1.5, 2.5, 8, 4] if k < 3 else [-0.5, -0.5, 16, 16])
+        assert patch.get_xy() == (x, y) and (patch.get_width(), patch.get_height()) == (w, h)
+    matplotlib.pyplot.close(fig)
