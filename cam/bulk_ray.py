@@ -1,21 +1,22 @@
 """The Ray engine of :func:`cam.bulk` (``engine="ray"``; ``pip install 'cam[ray]'``).
 
-A Ray Data pipeline over the sources :func:`cam.bulk.list_inputs` found:
+A Ray Data pipeline over the sources :func:`cam.bulk_inputs.list_inputs` found:
 
 1. ``from_items``: the sources (name, file, archive member), listed by the driver;
 2. ``map_batches(_decode)``: tasks on CPUs read, hash, skip and decode them
-   (:func:`cam.bulk.prepare`, what the local engine's threads run);
+   (:func:`cam.bulk_inputs.prepare`, what the local engine's threads run);
 3. ``map_batches(_Explain, compute=ActorPoolStrategy(size=actors), num_gpus=...)``: each actor
-   builds the model and its explainers once (:class:`cam.bulk.BatchExplainer`) and turns
-   batches into rows with :meth:`~cam.bulk.BatchExplainer.rows`, the local engine's function;
+   builds the model and its explainers once (:class:`cam.bulk_explainer.BatchExplainer`) and
+   turns batches into rows with :meth:`~cam.bulk_explainer.BatchExplainer.rows`, the local
+   engine's function;
 4. ``write_parquet`` into a hidden staging folder ``OUT/.ray-RUN/``.
 
-Ray writes its files in place, not atomically, so the driver then commits them: each staged
-file's rows become a shard of ``OUT/maps`` written atomically by :func:`cam.bulk.write_table`
-(the images that failed go to ``errors.parquet``). A run killed before its commit leaves the
-staging folder; the next run commits every staged file that reads back whole
-(:func:`cam.bulk.salvage`) and drops the rest, so only a killed run's unfinished files are
-redone.
+Ray writes its files in place, not atomically, so the driver then commits them (:func:`commit`):
+each staged file's rows become a shard of ``OUT/maps`` written atomically by
+:func:`cam.bulk_output.write_table` (the images that failed go to ``errors.parquet``). A run
+killed before its commit leaves the staging folder; the next run commits every staged file
+that reads back whole (:func:`salvage`) and drops the rest, so only a killed run's unfinished
+files are redone.
 """
 
 from __future__ import annotations
@@ -28,28 +29,30 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bulk as K
+from .bulk_explainer import BatchExplainer, load_model
+from .bulk_inputs import Item, Reader, Source, prepare
+from .bulk_output import MAPS, _pyarrow, schema, write_table
 
 
 def _extra_schema():
-    pa = K._pyarrow()
+    pa = _pyarrow()
     return pa.schema([("status", pa.string()), ("stage", pa.string()),
                       ("reason", pa.string()), ("decode_seconds", pa.float64())])
 
 
 def staged_schema():
-    """What the explaining actors return and Ray writes: :func:`cam.bulk.schema` plus each
+    """What the explaining actors return and Ray writes: :func:`cam.bulk_output.schema` plus each
     image's status (ok, skip or error), the failure's stage and reason, and its decode time."""
-    pa = K._pyarrow()
-    return pa.schema(list(K.schema()) + list(_extra_schema()))
+    pa = _pyarrow()
+    return pa.schema(list(schema()) + list(_extra_schema()))
 
 
 def _decode(batch: dict, *, methods, done, preprocess, input_shape) -> dict:
     """A batch of sources -> prepared images (zeros where an image failed or was skipped)."""
-    reader = K.Reader()
+    reader = Reader()
     try:
-        items = [K.prepare(K.Source(str(n), str(f), str(m) or None), reader, methods, done,
-                           preprocess, input_shape)
+        items = [prepare(Source(str(n), str(f), str(m) or None), reader, methods, done,
+                         preprocess, input_shape)
                  for n, f, m in zip(batch["name"], batch["file"], batch["member"])]
     finally:
         reader.close()
@@ -94,21 +97,21 @@ class _Explain:
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.keras"
                 path.write_bytes(model_bytes)
-                model = K.load_model(str(path), imports)
+                model = load_model(str(path), imports)
         else:
-            model = K.load_model(model, imports)
-        self.worker = K.BatchExplainer(model, layer, chosen, score, target, target_text)
+            model = load_model(model, imports)
+        self.worker = BatchExplainer(model, layer, chosen, score, target, target_text)
 
     def __call__(self, batch: dict):
-        pa = K._pyarrow()
+        pa = _pyarrow()
         status = [str(s) for s in batch["status"]]
         ok = [i for i, s in enumerate(status) if s == "ok"]
-        items = [K.Item(str(batch["name"][i]), str(batch["sha256"][i]),
-                        int(batch["height"][i]), int(batch["width"][i]),
-                        needs=tuple(str(batch["needs"][i]).split(",")),
-                        seconds=float(batch["decode_seconds"][i])) for i in ok]
+        items = [Item(str(batch["name"][i]), str(batch["sha256"][i]),
+                      int(batch["height"][i]), int(batch["width"][i]),
+                      needs=tuple(str(batch["needs"][i]).split(",")),
+                      seconds=float(batch["decode_seconds"][i])) for i in ok]
         rows = (self.worker.rows(np.asarray(batch["image"])[ok], items) if ok
-                else K.schema().empty_table())
+                else schema().empty_table())
         by_name = {item.name: item for item in items}
         paths = rows.column("path").to_pylist()
         extra = pa.table({"status": ["ok"] * len(paths), "stage": [None] * len(paths),
@@ -203,7 +206,7 @@ def commit(staging: Path, out: Path, run: str, salvage: bool = False) -> dict:
 
     result = {"explained": set(), "skipped": set(), "errors": [], "rows": 0, "shards": 0,
               "decode_seconds": 0.0, "explain_seconds": 0.0}
-    names = K.schema().names
+    names = schema().names
     for number, part in enumerate(sorted(staging.glob("*.parquet"))):
         try:
             table = pq.read_table(part)
@@ -213,8 +216,8 @@ def commit(staging: Path, out: Path, run: str, salvage: bool = False) -> dict:
             continue
         ok = table.filter(pc.equal(table.column("status"), "ok"))
         if ok.num_rows:
-            K.write_table(ok.select(names).cast(K.schema()),
-                          out / K.MAPS / f"part-{run}-{number:06d}.parquet")
+            write_table(ok.select(names).cast(schema()),
+                        out / MAPS / f"part-{run}-{number:06d}.parquet")
             result["rows"] += ok.num_rows
             result["shards"] += 1
             paths = ok.column("path").to_pylist()
@@ -231,3 +234,11 @@ def commit(staging: Path, out: Path, run: str, salvage: bool = False) -> dict:
                                                              "reason")})
     shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def salvage(out: Path) -> None:
+    """Commit what a killed Ray run staged (``out/.ray-RUN/``): the files that read back whole
+    become shards, the rest are dropped (:func:`commit`). :func:`cam.bulk` calls it before
+    every run, whichever its engine."""
+    for staging in sorted(out.glob(".ray-*")):
+        commit(staging, out, staging.name.removeprefix(".ray-"), salvage=True)
