@@ -10,7 +10,9 @@ and everything after it timed: tracing, decoding, explaining, writing. Rows:
 
 * ``predict``: what a user writes without cam: decode each file (``cam.images.read_rgb``), make
   it the model's input the way ``cam.bulk`` does (``fit_to_input``) and call ``model.predict``
-  per batch of the size ``cam.bulk`` picks; decode included;
+  per batch of the size ``cam.bulk`` picks; decode included. It runs first and again last
+  (``predict-after``; ``--no-bracket`` leaves that out), and the ratios are to the mean of the
+  two, so that a change in what else the machine runs shows instead of skewing one side;
 * ``gradcam``, ``fastablationcam``, ``ablationcam``, ``all``: ``cam.bulk`` with the local
   engine and those methods (``all``: the three on one trunk pass per batch);
 * ``ray``: ``cam.bulk(..., engine="ray")`` with FastAblationCAM on a local Ray instance with
@@ -21,7 +23,7 @@ and everything after it timed: tracing, decoding, explaining, writing. Rows:
 
 Goals (issue 27): the local engine with FastAblationCAM at >= 0.8x the predict loop's images
 per second, the Ray engine on one machine at >= 0.6x. Writes the table, the machine, the
-load average before and after (the machine may be shared) and the commit to ``--out``.
+load average at the end of each row (the machine may be shared) and the commit to ``--out``.
 Nothing is asserted: this is a measurement, not a test.
 """
 
@@ -49,6 +51,7 @@ ALL = ["gradcam", "fastablationcam", "ablationcam"]
 #: row -> (engine, methods, Keras backend)
 ROWS = {
     "predict": ("model.predict loop", [], "tensorflow"),
+    "predict-after": ("model.predict loop, again last", [], "tensorflow"),
     "gradcam": ("local", ["gradcam"], "tensorflow"),
     "fastablationcam": ("local", ["fastablationcam"], "tensorflow"),
     "ablationcam": ("local", ["ablationcam"], "tensorflow"),
@@ -174,25 +177,28 @@ def commit() -> str:
                    "tree)" if dirty else "")
 
 
-def markdown(rows: list[dict], args, before, after, gpus: int, files: int) -> str:
+def markdown(rows: list[dict], args, before, gpus: int, files: int) -> str:
     import pandas as pd
 
     table = pd.DataFrame(rows).set_index("row")
     base = {r: table.loc[r, "images/s"] for r in ("predict", "gpu-predict") if r in table.index}
+    if "predict-after" in table.index:  # the baseline bracketing the other rows
+        base["predict"] = (base["predict"] + table.loc["predict-after", "images/s"]) / 2
     table["x predict"] = [row["images/s"] / base[("gpu-predict" if r.startswith("gpu")
                                                    else "predict")]
                           if ("gpu-predict" if r.startswith("gpu") else "predict") in base
                           else float("nan") for r, row in table.iterrows()]
     columns = ["engine", "methods", "images", "batch", "wall s", "images/s", "x predict",
-               "decode s", "explain s", "write s", "ray start s", "load s", "peak MB"]
+               "decode s", "explain s", "write s", "ray start s", "load s", "peak MB",
+               "load average"]
     shown = table.reindex(columns=columns).round(
         {"wall s": 1, "images/s": 2, "x predict": 2, "decode s": 1, "explain s": 1,
-         "write s": 1, "ray start s": 1, "load s": 1, "peak MB": 0})
+         "write s": 1, "ray start s": 1, "load s": 1, "peak MB": 0, "load average": 1})
     shown = shown.astype(object).where(shown.notna(), "")
     goals = []
     for row, against, share in GOALS:
         if row in table.index and against in table.index:
-            ratio = table.loc[row, "images/s"] / table.loc[against, "images/s"]
+            ratio = table.loc[row, "x predict"]
             goals.append(f"- **{row}** at {ratio:.2f}x the {against} loop's images/s (goal >= "
                          f"{share}x): **{'met' if ratio >= share else 'missed'}**")
     scope = (f"all {files} POLEN23E images" if not args.limit
@@ -213,12 +219,16 @@ def markdown(rows: list[dict], args, before, after, gpus: int, files: int) -> st
         f"tasks, so it can exceed the wall time); for the predict loop they are its decode "
         f"and predict time. The Ray row's wall time leaves out Ray's own start (`ray start "
         f"s`, as on a cluster already up) but includes shipping the model to its actor and "
-        f"loading it there; its `peak MB` is the driver's only.",
+        f"loading it there; its `peak MB` is the driver's only. `x predict` is images/s over "
+        f"the predict loop's{' (the mean of its runs first and last)' if 'predict-after' in table.index else ''}"
+        f"; `load average` is the machine's 1-minute load average as the row ended.",
         "",
         f"- Machine: {machine()}; Keras backend TensorFlow; {gpu}.",
         f"- Contention: the machine was shared with other people's jobs; load average (1 min) "
-        f"{before:.1f} before and {after:.1f} after the run on {os.cpu_count()} CPUs, so "
-        f"absolute numbers are pessimistic and the ratios between rows are the result.",
+        f"{before:.1f} before the run and {table['load average'].min():.1f} to "
+        f"{table['load average'].max():.1f} as its rows ended, on {os.cpu_count()} CPUs: "
+        f"absolute numbers are pessimistic (an idle run is faster), and the ratios between rows "
+        f"carry the contention's changes from row to row.",
         f"- Commit: {commit()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
         shown.to_markdown(),
@@ -236,6 +246,8 @@ def main(argv=None) -> int:
                    help="explain only N images spread over the classes (default: all 805)")
     p.add_argument("--rows", default="predict,gradcam,fastablationcam,ablationcam,all,ray",
                    help="rows to run (default %(default)s)")
+    p.add_argument("--no-bracket", action="store_true",
+                   help="leave out the second predict loop run last (predict-after)")
     p.add_argument("--gpu", choices=("auto", "no"), default="auto",
                    help="add the JAX GPU rows when JAX sees a GPU (default auto)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bulk" / "throughput.md")
@@ -257,6 +269,8 @@ def main(argv=None) -> int:
     gpus = jax_gpus() if args.gpu == "auto" else 0
     if gpus:
         names += [r for r in ("gpu-predict", "gpu") if r not in names]
+    if "predict" in names and "predict-after" not in names and not args.no_bracket:
+        names.append("predict-after")
     files = chosen_files(args.limit)
     folder = atlas.link_images(datasets.open_dataset("polen23e").root, files, WORK / "images")
     before = os.getloadavg()[0]
@@ -270,11 +284,12 @@ def main(argv=None) -> int:
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         if run.returncode or not lines:
             raise RuntimeError(f"row {row} failed:\n{run.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        rows.append({**json.loads(lines[-1].removeprefix("RESULT ")),
+                     "load average": os.getloadavg()[0]})
         print(f"{row}: {rows[-1]['images/s']:.2f} images/s ({rows[-1]['wall s']:.0f} s timed, "
               f"{time.perf_counter() - started:.0f} s with start-up; load average "
               f"{os.getloadavg()[0]:.1f})", flush=True)
-    text = markdown(rows, args, before, os.getloadavg()[0], gpus, len(files))
+    text = markdown(rows, args, before, gpus, len(files))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     pd.DataFrame(rows).to_csv(args.out.with_suffix(".csv"), index=False)
