@@ -195,3 +195,37 @@ def test_run_table_and_the_class_figure(rows, tmp_path):
     assert titles == ["a (n=2)", "mean", "spread (std)", "b (n=2)", "mean", "spread (std)"]
     with pytest.raises(ValueError, match="1 examples for 2 classes"):
         atlas.class_maps_figure(maps, examples[:1])
+
+
+def test_a_real_cam_bulk_run_reads_back_into_the_atlas(tmp_path):
+    """cam.bulk on four tiny images of two classes, read back: every image's rows joined, and
+    at a layer followed by global average pooling and one dense layer FastAblationCAM (window
+    1) is Grad-CAM, so the two agree on every image."""
+    pytest.importorskip("pyarrow")
+    import keras
+    from keras import layers as L
+    from PIL import Image
+
+    import cam
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12, 12, 3)), L.Rescaling(1 / 255),
+                              L.Conv2D(4, 3, padding="same", activation="relu", name="relu"),
+                              L.GlobalAveragePooling2D(), L.Dense(2, name="logits")])
+    rng = np.random.default_rng(0)
+    files = ["a/1.png", "a/2.png", "b/1.png", "b/2.png"]
+    for name in files:
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8)).save(tmp_path / "data" / name)
+    folds = pd.DataFrame({"file": files, "class": ["a", "a", "b", "b"], "label": [0, 0, 1, 1],
+                          "fold": [0, 1, 0, 1]})
+    images = atlas.link_images(tmp_path / "data", files, tmp_path / "links")
+    summary = cam.bulk(model, images, tmp_path / "out", layer="relu",
+                       methods=["gradcam", "fastablationcam"], progress=False)
+    assert (summary.explained, summary.failed, summary.rows) == (4, 0, 8)
+    rows = atlas.read_maps(tmp_path / "out", folds)
+    assert sorted(set(rows["path"])) == files and rows["label"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert atlas.maps_of(rows, "gradcam").shape == (4, 12, 12)
+    agree = atlas.disagreement(rows, "gradcam", "fastablationcam")
+    assert (agree["spearman"] > 0.999).all() and (agree["cosine distance"] < 1e-4).all()
+    assert atlas.class_maps(rows, "gradcam").counts.tolist() == [2, 2]
