@@ -58,12 +58,8 @@ test-main: $(STAMP) chromium
 ## The library's tests on the JAX and PyTorch backends
 # The library's tests are every test not marked `study` (pyproject.toml): a test module of
 # cam.study, the notebooks or TensorFlow itself says `pytestmark = pytest.mark.study`.
-# On JAX most of the time is XLA compiling hundreds of tiny models once each: its backend
-# optimisation level 0 compiles them with a third less CPU time (tests/test_explainers.py: 143
-# s -> 95 s of CPU), and every map is checked at the same tolerances.
-JAX_TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
 test-backends: $(STAMP)
-	XLA_FLAGS='$(JAX_TEST_XLA_FLAGS)' KERAS_BACKEND=jax $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
+	KERAS_BACKEND=jax $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
 	KERAS_BACKEND=torch $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
 
 ## Install the library with JAX alone (no TensorFlow, no study) in a throwaway venv and run its command line there
