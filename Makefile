@@ -38,29 +38,35 @@ CI_NB := build/ci-notebooks
 CORE_VENV := build/core-venv
 
 ## Run the test suite (TensorFlow), the library's tests on JAX and PyTorch, every notebook with small parameters, and the core-install check
-# The three run side by side (each target's output printed when it ends): much of the main
-# suite waits on notebook kernels and subprocesses, which leaves the cores to the others.
-# The other two run at low priority (SIDE), so they take only what the main suite leaves.
+# Five runs side by side (each target's output printed when it ends): the tests on TensorFlow
+# and the notebooks are two processes that each keep about one core busy (much of either
+# waits on tracing, kernels and subprocesses), so neither waits for the other. The JAX and
+# PyTorch suites and the core install run at low priority (SIDE): they take what the two leave.
 test: $(STAMP)
-	@$(MAKE) --no-print-directory -j3 --output-sync=target SIDE='nice -n 15' \
-	  test-main test-backends test-core
+	@$(MAKE) --no-print-directory -j5 --output-sync=target SIDE='nice -n 15' \
+	  test-main test-notebooks test-jax test-torch test-core
 
-## The main suite alone: every test on TensorFlow and every notebook with small parameters
+## The main suite alone: every test on TensorFlow (the study's tests and the browser test included)
 test-main: $(STAMP) chromium
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests -p no:cacheprovider --durations=15
+
+## Every notebook with small parameters under nbval (POLEN23E's when POLEN23E_DIR is set)
+test-notebooks: $(STAMP)
 	@rm -rf $(CI_NB)
 	$(PY) -m cam.study.reproduce synthetic --small --prepare-only --out $(CI_NB)/synthetic
 	@if [ -n "$(POLEN23E_DIR)" ]; then \
 	  $(PY) -m cam.study.reproduce polen23e --small --prepare-only --out $(CI_NB)/polen23e; \
 	else echo "POLEN23E_DIR is not set: the POLEN23E notebook runs are left out"; fi
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests $(CI_NB) --nbval-lax --nbval-current-env \
-	  -p no:cacheprovider --durations=15
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q $(CI_NB) --nbval-lax --nbval-current-env \
+	  -p no:cacheprovider --durations=10
 
 ## The library's tests on the JAX and PyTorch backends
 # The library's tests are every test not marked `study` (pyproject.toml): a test module of
 # cam.study, the notebooks or TensorFlow itself says `pytestmark = pytest.mark.study`.
-test-backends: $(STAMP)
-	KERAS_BACKEND=jax $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
-	KERAS_BACKEND=torch $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
+test-backends: test-jax test-torch
+
+test-jax test-torch: test-%: $(STAMP)
+	KERAS_BACKEND=$* $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
 
 ## Install the library with JAX alone (no TensorFlow, no study) in a throwaway venv and run its command line there
 test-core:
@@ -193,5 +199,5 @@ findings:
 
 .PHONY: findings
 
-.PHONY: help venv test test-main test-core test-backends chromium test-browser data folds train reproduce demo lab benchmark force-rerun \
+.PHONY: help venv test test-main test-notebooks test-core test-backends test-jax test-torch chromium test-browser data folds train reproduce demo lab benchmark force-rerun \
   reproduce-log-polen23e reproduce-log-synthetic
