@@ -63,7 +63,7 @@ SIZE = re.compile(r"\b\d+(?:x\d+)+\b")  # 7x7, 224x224, 7x7x1664: a shape, not a
 # A number in a table file, cells, labels and headers alike, but not glued to a name (block12).
 TABLE_NUMBER = re.compile(r"(?<![A-Za-z_\d.])\d+(?:\.\d+)?(?:e-?\d+)?")
 RANGE = re.compile(r"(\d)[-–](\d[\d.,]*)([%x])")  # 12-13%, 5.9-7.8x: both ends have the unit
-LINKED_TABLE = re.compile(r"\]\(([^)\s]*results/[^)\s]*/tables/[^)\s]+\.md)\)")
+LINKED_TABLE = re.compile(r"\]\(([^)\s]*results/[^)\s]+\.md)\)")
 
 
 def read_tables(path: Path) -> list[tuple[list[str], list[str], list[list[str]]]]:
