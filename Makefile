@@ -63,13 +63,10 @@ test-notebooks: $(STAMP)
 ## The library's tests on the JAX and PyTorch backends
 # The library's tests are every test not marked `study` (pyproject.toml): a test module of
 # cam.study, the notebooks or TensorFlow itself says `pytestmark = pytest.mark.study`.
-# Each in two pytest-xdist workers: the last of make test's runs to finish was the JAX suite
-# alone on one core (XLA compiling tiny models), the other core idle.
 test-backends: test-jax test-torch
 
 test-jax test-torch: test-%: $(STAMP)
-	KERAS_BACKEND=$* $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider -n 2 \
-	  --durations=5
+	KERAS_BACKEND=$* $(SIDE) $(PY) -m pytest -q tests -m "not study" -p no:cacheprovider --durations=5
 
 ## Install the library with JAX alone (no TensorFlow, no study) in a throwaway venv and run its command line there
 test-core:
